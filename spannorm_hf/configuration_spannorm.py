@@ -1,0 +1,213 @@
+# Copyright 2026 The spannorm-hf authors. Licensed under the Apache License, Version 2.0.
+"""SpanNorm model configuration.
+
+This file is copied next to the weights by `save_pretrained`, so the Hub's remote-code loader can use it:
+it imports only transformers.
+"""
+
+from transformers.configuration_utils import PreTrainedConfig
+
+# The norm placements a config may name; the block equations live in `modeling_spannorm.NORM_SCHEMES`.
+NORM_SCHEME_NAMES = ("span", "pre", "post", "deepnorm", "peri", "hybrid")
+# Schemes whose block has the DeepNet-style skip scale `a` and branch init gain `b`.
+SCALED_SCHEMES = ("span", "deepnorm")
+# Written into every saved config.json so the folder loads through any of these auto classes with
+# `trust_remote_code=True` (save_pretrained adds only the saving class's own entry).
+AUTO_MAP = {
+    "AutoConfig": "configuration_spannorm.SpanNormConfig",
+    "AutoModel": "modeling_spannorm.SpanNormModel",
+    "AutoModelForCausalLM": "modeling_spannorm.SpanNormForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_spannorm.SpanNormForSequenceClassification",
+}
+
+
+class SpanNormConfig(PreTrainedConfig):
+    r"""
+    Configuration of a SpanNorm decoder-only transformer (Llama-class attention and SwiGLU MLP, optional
+    Mixture-of-Experts), with the normalization placement chosen by `norm_scheme`.
+
+    Args:
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+        num_key_value_heads, head_dim, hidden_act, max_position_embeddings, initializer_range,
+        rms_norm_eps, use_cache, rope_parameters, attention_bias, attention_dropout, mlp_bias,
+        tie_word_embeddings, pad_token_id, bos_token_id, eos_token_id:
+            As in [`LlamaConfig`]. `num_key_value_heads` defaults to `num_attention_heads` (no GQA) and
+            `head_dim` to `hidden_size // num_attention_heads`.
+        qk_norm (`bool`, defaults to `False`):
+            Per-head RMSNorm on queries and keys (as in Qwen3/OLMo2), in any scheme.
+        norm_scheme (`str`, defaults to `"span"`):
+            Where the RMSNorms sit: `"span"` (SpanNorm, arXiv 2601.22580), `"pre"`, `"post"`, `"deepnorm"`,
+            `"peri"` (Peri-LN) or `"hybrid"` (HybridNorm). Everything else is identical across schemes.
+        residual_scale (`float` or `"auto"`, defaults to `"auto"`):
+            The skip scale `a` of `span` and `deepnorm` blocks, `N(a * x + F(x))`. `"auto"` is DeepNet's
+            `(2 L) ** (1 / 4)`. Other schemes have no skip scale and accept only `"auto"`.
+        branch_init_gain (`float`, `"auto"` or `None`, defaults to `"auto"`):
+            Xavier-normal init gain `b` of the branch output weights (v_proj, o_proj, MLP and expert weights;
+            q/k get gain 1) in `span` and `deepnorm` blocks. `"auto"` is DeepNet's `(8 L) ** (-1 / 4)`; `None`
+            keeps the plain `N(0, initializer_range)` init. Other schemes accept only `"auto"`.
+        num_experts (`int`, defaults to 0):
+            Routed experts per sparse layer; 0 builds a dense model.
+        num_experts_per_tok (`int`, defaults to 2):
+            Top-k experts per token.
+        moe_intermediate_size (`int`, *optional*):
+            Hidden size of each expert; defaults to `intermediate_size`.
+        norm_topk_prob (`bool`, defaults to `True`):
+            Renormalize the top-k router probabilities to sum to 1.
+        router_aux_loss_coef (`float`, defaults to 0.001):
+            Weight of the load-balancing loss added to the LM loss when `output_router_logits` is on.
+        output_router_logits (`bool`, defaults to `False`):
+            Return router logits (and so compute the aux loss) by default.
+        first_k_dense_layers (`int`, defaults to 0):
+            Keep the first k layers dense in an MoE model.
+
+    Example:
+
+    ```python
+    >>> from spannorm_hf import SpanNormConfig, SpanNormForCausalLM
+    >>> model = SpanNormForCausalLM(SpanNormConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=4))
+    ```
+    """
+
+    model_type = "spannorm"
+    keys_to_ignore_at_inference = ["cache"]
+
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    norm_scheme: str = "span"
+    residual_scale: float | int | str = "auto"
+    branch_init_gain: float | int | str | None = "auto"
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float | int = 0.001
+    output_router_logits: bool = False
+    first_k_dense_layers: int = 0
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        super().__post_init__(**kwargs)
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(AUTO_MAP)
+        self.validate_spannorm()
+
+    def validate_spannorm(self) -> None:
+        """Raise `ValueError` naming the first impossible field, before any weight is allocated."""
+
+        def fail(field: str, why: str) -> None:
+            raise ValueError(f"SpanNormConfig.{field}={getattr(self, field)!r} is invalid: {why}")
+
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "moe_intermediate_size",
+        ):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(field, "must be a positive integer")
+        for field in ("num_experts", "first_k_dense_layers"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(field, "must be a non-negative integer")
+        if self.hidden_size % self.num_attention_heads:
+            fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            fail("head_dim", "must be even for rotary embeddings")
+        if self.norm_scheme not in NORM_SCHEME_NAMES:
+            fail("norm_scheme", f"must be one of {NORM_SCHEME_NAMES}")
+        for field in ("initializer_range", "rms_norm_eps"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                fail(field, "must be a positive number")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            fail("attention_dropout", "must be in [0, 1)")
+        if isinstance(self.router_aux_loss_coef, bool) or self.router_aux_loss_coef < 0:
+            fail("router_aux_loss_coef", "must be >= 0")
+        for field in ("residual_scale", "branch_init_gain"):
+            value = getattr(self, field)
+            if value == "auto" or (value is None and field == "branch_init_gain"):
+                continue
+            if self.norm_scheme not in SCALED_SCHEMES:
+                fail(field, f"only the {SCALED_SCHEMES} schemes use it; norm_scheme={self.norm_scheme!r} takes 'auto'")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                fail(field, "must be a positive number or 'auto'")
+        if self.num_experts > 0:
+            if not isinstance(self.num_experts_per_tok, int) or not 0 < self.num_experts_per_tok <= self.num_experts:
+                fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
+            if self.first_k_dense_layers > self.num_hidden_layers:
+                fail("first_k_dense_layers", f"must be <= num_hidden_layers={self.num_hidden_layers}")
+
+    @property
+    def skip_scale(self) -> float:
+        """The resolved skip scale `a` (1.0 for schemes without one)."""
+        if self.norm_scheme not in SCALED_SCHEMES:
+            return 1.0
+        if self.residual_scale == "auto":
+            return (2 * self.num_hidden_layers) ** 0.25
+        return float(self.residual_scale)
+
+    @property
+    def branch_gain(self) -> float | None:
+        """The resolved branch init gain `b`, or `None` for the plain `N(0, initializer_range)` init."""
+        if self.norm_scheme not in SCALED_SCHEMES or self.branch_init_gain is None:
+            return None
+        if self.branch_init_gain == "auto":
+            return (8 * self.num_hidden_layers) ** -0.25
+        return float(self.branch_init_gain)
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` holds a routed MoE instead of the dense MLP."""
+        return self.num_experts > 0 and layer_idx >= self.first_k_dense_layers
+
+
+__all__ = ["SpanNormConfig"]

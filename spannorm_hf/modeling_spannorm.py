@@ -1,0 +1,513 @@
+# Copyright 2026 The spannorm-hf authors. Licensed under the Apache License, Version 2.0.
+"""SpanNorm decoder-only transformers, dense and Mixture-of-Experts, with every published norm placement.
+
+SpanNorm (Wang et al., "SpanNorm: Reconciling Training Stability and Performance in Deep Transformers",
+arXiv 2601.22580) keeps a clean skip connection across the whole block, from its input to its output, and
+normalizes the aggregated sum PostNorm-style. The paper's full text was not available to us; the block
+below is how the one secondary source that quotes its equations reads it, and it fits every phrase of the
+abstract. With x_0 the token embeddings and N an RMSNorm with a learnable gain:
+
+    u_l     = N_in(x_0) if l == 0 else x_l
+    y_l     = N_attn(a * x_l + Attn(u_l))
+    x_{l+1} = N_ffn(a * x_l + FFN(y_l))         # the skip from x_l spans both sublayers
+    logits  = lm_head(x_L)                      # x_L is already normalized: no final norm
+
+The paper's "principled scaling strategy" is not published where we can read it. We ship DeepNet's
+bounded-update pair as the default: skip scale a = (2L)^(1/4) (`residual_scale`) and a Xavier-normal init
+gain b = (8L)^(-1/4) (`branch_init_gain`) on the branch output weights. Both are configurable.
+
+All block wiring lives in `NORM_SCHEMES` next to the decoder layer; attention, MLP and experts know nothing
+about the scheme. This file imports only torch, transformers and `configuration_spannorm`, so it can be
+shipped as Hub remote code.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation, use_kernelized_func
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_spannorm import SpanNormConfig
+
+
+class SpanNormRMSNorm(LlamaRMSNorm):
+    """RMSNorm with a learnable gain, computed in fp32 (Llama's)."""
+
+
+class SpanNormRotaryEmbedding(LlamaRotaryEmbedding):
+    """Llama's rotary embedding; its buffers are rebuilt by `_init_weights` after `from_pretrained`."""
+
+
+class SpanNormMLP(LlamaMLP):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+
+@use_experts_implementation
+class SpanNormExperts(nn.Module):
+    """All experts of one layer as fused 3D weights; `experts_implementation` picks the kernel."""
+
+    def __init__(self, config: SpanNormConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class SpanNormTopKRouter(nn.Module):
+    """Softmax router; returns (logits, top-k weights, top-k expert indices)."""
+
+    def __init__(self, config: SpanNormConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.hidden_dim = config.hidden_size
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+        router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
+        top_value, top_index = torch.topk(router_probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        return router_logits, top_value.to(router_logits.dtype), top_index
+
+
+class SpanNormSparseMoeBlock(nn.Module):
+    """Top-k routed experts; drops in wherever the dense MLP sits, in every norm scheme."""
+
+    def __init__(self, config: SpanNormConfig):
+        super().__init__()
+        self.experts = SpanNormExperts(config)
+        self.gate = SpanNormTopKRouter(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        flat = hidden_states.view(-1, hidden_dim)
+        _, routing_weights, selected_experts = self.gate(flat)
+        return self.experts(flat, selected_experts, routing_weights).reshape(batch_size, sequence_length, hidden_dim)
+
+
+@use_kernelized_func(apply_rotary_pos_emb)
+class SpanNormAttention(nn.Module):
+    """Multi-head attention with GQA and RoPE; `norms` names the per-head norms it owns (q_norm, k_norm, v_norm)."""
+
+    def __init__(self, config: SpanNormConfig, layer_idx: int, norms: tuple[str, ...] = ()):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        self.q_proj = nn.Linear(
+            config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.k_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.v_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
+        )
+        for name in ("q_norm", "k_norm", "v_norm"):
+            norm = SpanNormRMSNorm(self.head_dim, eps=config.rms_norm_eps) if name in norms else nn.Identity()
+            setattr(self, name, norm)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        value_states = self.v_norm(self.v_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Norm schemes. Each block function is the scheme's equations as code: `x` is the block input, `attn` the
+# attention sublayer, `layer.mlp` the FFN (dense or MoE), `a` the skip scale. Norms a scheme does not list
+# are `nn.Identity` in its layers, so state dicts carry no dead weights.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def span_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
+    """SpanNorm: y = N_attn(a x + Attn(u)), x' = N_ffn(a x + FFN(y)), u = N_in(x) in block 0 only."""
+    a = layer.skip_scale
+    y = layer.post_attention_layernorm(a * x + attn(layer.input_layernorm(x)))
+    return layer.post_feedforward_layernorm(a * x + layer.mlp(y))
+
+
+def pre_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
+    """PreNorm: h = x + Attn(N1(x)), x' = h + FFN(N2(h))."""
+    h = x + attn(layer.input_layernorm(x))
+    return h + layer.mlp(layer.pre_feedforward_layernorm(h))
+
+
+def post_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
+    """PostNorm (and DeepNorm with a != 1): h = N1(a x + Attn(x)), x' = N2(a h + FFN(h))."""
+    a = layer.skip_scale
+    h = layer.post_attention_layernorm(a * x + attn(x))
+    return layer.post_feedforward_layernorm(a * h + layer.mlp(h))
+
+
+def peri_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
+    """Peri-LN: h = x + No1(Attn(N1(x))), x' = h + No2(FFN(N2(h)))."""
+    h = x + layer.post_attention_layernorm(attn(layer.input_layernorm(x)))
+    return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+
+
+def hybrid_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
+    """HybridNorm: x' = N(h) + FFN(N(h)) with h = x + Attn_qkv-norm(x); here `h` already holds N(h)."""
+    h = layer.pre_feedforward_layernorm(x + attn(x))
+    return h + layer.mlp(h)
+
+
+IN, POST_ATTN, PRE_FFN, POST_FFN = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+BLOCK_NORMS = (IN, POST_ATTN, PRE_FFN, POST_FFN)
+
+
+class NormScheme(NamedTuple):
+    block: Callable  # the block equations
+    norms: tuple[str, ...]  # block norms every layer owns
+    first_block_norms: tuple[str, ...] = ()  # extra norms only layer 0 owns
+    attn_norms: tuple[str, ...] = ()  # per-head norms inside attention
+    final_norm: bool = False  # an RMSNorm before the LM head
+    unit_embeddings: bool = True  # token embeddings N(0, 1) instead of N(0, initializer_range)
+
+
+NORM_SCHEMES: dict[str, NormScheme] = {
+    "span": NormScheme(span_block, (POST_ATTN, POST_FFN), first_block_norms=(IN,)),
+    "pre": NormScheme(pre_block, (IN, PRE_FFN), final_norm=True, unit_embeddings=False),
+    "post": NormScheme(post_block, (POST_ATTN, POST_FFN)),
+    "deepnorm": NormScheme(post_block, (POST_ATTN, POST_FFN)),
+    "peri": NormScheme(peri_block, (IN, POST_ATTN, PRE_FFN, POST_FFN), final_norm=True),
+    "hybrid": NormScheme(
+        hybrid_block, (PRE_FFN,), attn_norms=("q_norm", "k_norm", "v_norm"), final_norm=True, unit_embeddings=False
+    ),
+}
+
+
+class SpanNormDecoderLayer(GradientCheckpointingLayer):
+    """Attention + FFN (dense or MoE), wired by the config's `norm_scheme`."""
+
+    def __init__(self, config: SpanNormConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.layer_idx = layer_idx
+        self.scheme = NORM_SCHEMES[config.norm_scheme]
+        self.skip_scale = config.skip_scale
+        attn_norms = self.scheme.attn_norms + (("q_norm", "k_norm") if config.qk_norm else ())
+        self.self_attn = SpanNormAttention(config, layer_idx, norms=attn_norms)
+        self.mlp = SpanNormSparseMoeBlock(config) if config.is_sparse_layer(layer_idx) else SpanNormMLP(config)
+        owned = self.scheme.norms + (self.scheme.first_block_norms if layer_idx == 0 else ())
+        for name in BLOCK_NORMS:
+            norm = SpanNormRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if name in owned else nn.Identity()
+            setattr(self, name, norm)
+        if (gain := config.branch_gain) is not None:  # DeepNet init of span/deepnorm, applied by `_init_weights`
+            attn, mlp = self.self_attn, self.mlp
+            attn.q_proj.xavier_gain = attn.k_proj.xavier_gain = 1.0
+            attn.v_proj.xavier_gain = attn.o_proj.xavier_gain = gain
+            branches = (
+                (mlp.experts,) if config.is_sparse_layer(layer_idx) else (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            )
+            for branch in branches:
+                branch.xavier_gain = gain
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        def attn(h: torch.Tensor) -> torch.Tensor:
+            return self.self_attn(
+                hidden_states=h,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )[0]
+
+        return self.scheme.block(self, hidden_states, attn)
+
+
+class SpanNormPreTrainedModel(PreTrainedModel):
+    config: SpanNormConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SpanNormDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False  # MoE routing is data dependent; dense models still compile
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(SpanNormTopKRouter, index=0),
+        "hidden_states": SpanNormDecoderLayer,
+        "attentions": SpanNormAttention,
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """N(0, initializer_range) by default; a scheme's own init is marked on the modules it concerns
+        (`xavier_gain`, `init_std`, set where the scheme is wired). `init.*` skips weights that
+        `from_pretrained` loaded, so a depth-scaled init never overwrites a checkpoint."""
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        gain = getattr(module, "xavier_gain", None)
+        if isinstance(module, nn.Linear) and gain is not None:
+            init.xavier_normal_(module.weight, gain=gain)
+        elif isinstance(module, nn.Embedding) and hasattr(module, "init_std"):
+            init.normal_(module.weight, mean=0.0, std=module.init_std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, SpanNormExperts):
+            # Xavier-normal per expert matrix: fan_in + fan_out of [2I, H] and [H, I]
+            hidden, inter = module.hidden_dim, module.intermediate_dim
+            gate_up_std = std if gain is None else gain * (2.0 / (hidden + 2 * inter)) ** 0.5
+            down_std = std if gain is None else gain * (2.0 / (hidden + inter)) ** 0.5
+            init.normal_(module.gate_up_proj, mean=0.0, std=gate_up_std)
+            init.normal_(module.down_proj, mean=0.0, std=down_std)
+        elif isinstance(module, SpanNormTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+class SpanNormModel(SpanNormPreTrainedModel):
+    def __init__(self, config: SpanNormConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        if NORM_SCHEMES[config.norm_scheme].unit_embeddings:  # post-style schemes start from N(0, 1) tokens
+            self.embed_tokens.init_std = 1.0
+        self.layers = nn.ModuleList(
+            [SpanNormDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        final = NORM_SCHEMES[config.norm_scheme].final_norm
+        self.norm = SpanNormRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if final else nn.Identity()
+        self.rotary_emb = SpanNormRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: SpanNormConfig):
+        super().__init__(config)
+        self.model = SpanNormModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids for the LM loss (shifted inside the loss); -100 is ignored.
+        output_router_logits (`bool`, *optional*):
+            Return router logits and add `router_aux_loss_coef * aux_loss` to the loss (MoE models).
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits and self.config.num_experts > 0
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        aux_loss = None
+        if output_router_logits and outputs.router_logits:
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+class SpanNormForSequenceClassification(GenericForSequenceClassification, SpanNormPreTrainedModel): ...
+
+
+__all__ = [
+    "NORM_SCHEMES",
+    "SpanNormForCausalLM",
+    "SpanNormForSequenceClassification",
+    "SpanNormModel",
+    "SpanNormPreTrainedModel",
+]
