@@ -37,7 +37,7 @@ def test_trained_tokenizer_round_trips_and_saves(tmp_path):
 def test_block_stats_and_grad_norms_match_manual_computation():
     model = SpanNormForCausalLM(tiny_config(norm_scheme="pre"))
     x = torch.randint(1, 97, (2, 8))
-    model(x)  # transformers installs its own output-capturing hooks on first use
+    model(x, output_hidden_states=True)  # transformers installs its own capturing hooks on first use
     hooks_before = dict(model.model.layers[0]._forward_hooks)
     with BlockStats(model) as stats:
         out = model(x, labels=x, output_hidden_states=True)
