@@ -21,6 +21,7 @@ about the scheme. This file imports only torch, transformers and `configuration_
 shipped as Hub remote code.
 """
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -45,16 +46,55 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, is_triton_available
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_spannorm import SpanNormConfig
 
+ADD_NORM_IMPLEMENTATIONS = ("auto", "fused", "plain")
+
+
+def add_rms_norm(a: float | torch.Tensor, x: torch.Tensor, f: torch.Tensor, weight: torch.Tensor, eps: float):
+    """N(a x + f) written as one function, so that `torch.compile` fuses the scaled add into the norm's pass."""
+    h = f + a * x
+    dtype = h.dtype
+    h = h.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+@functools.cache
+def fused_add_rms_norm() -> Callable:
+    """`add_rms_norm` compiled once per process; `a` stays symbolic (one graph for every skip scale)."""
+    return torch.compile(add_rms_norm, dynamic=True)
+
 
 class SpanNormRMSNorm(LlamaRMSNorm):
-    """RMSNorm with a learnable gain, computed in fp32 (Llama's)."""
+    """RMSNorm with a learnable gain, computed in fp32 (Llama's).
+
+    `add_norm(a, x, f)` is the post-style blocks' N(a x + f). Plain, it is one `torch.add` (the scale rides on
+    its `alpha`) and the norm's ops, each a pass over memory; "fused", `add_rms_norm` compiled by torch.compile
+    (Triton on GPU) reads x and f once and writes once, forward and backward. "auto" fuses on CUDA with Triton.
+    Inside a model that is itself being compiled the plain ops are traced (the outer compile fuses them anyway).
+    `SpanNormPreTrainedModel.set_add_norm_implementation` switches every norm of a model.
+    """
+
+    add_norm_implementation: str = "auto"
+
+    def add_norm(self, a: float | torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        fused = self.add_norm_implementation == "fused" or (
+            self.add_norm_implementation == "auto" and x.is_cuda and is_triton_available()
+        )
+        if fused and not torch.compiler.is_compiling():
+            return fused_add_rms_norm()(a, x, f, self.weight, self.variance_epsilon)
+        return self(torch.add(f, x, alpha=a) if isinstance(a, (int, float)) else f + a * x)
+
+
+def no_norm(hidden_states: torch.Tensor) -> torch.Tensor:
+    """Stands where a scheme has no norm: a plain function, so it owns no weight and costs no module call."""
+    return hidden_states
 
 
 class SpanNormRotaryEmbedding(LlamaRotaryEmbedding):
@@ -157,8 +197,7 @@ class SpanNormAttention(nn.Module):
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
         )
         for name in ("q_norm", "k_norm", "v_norm"):
-            norm = SpanNormRMSNorm(self.head_dim, eps=config.rms_norm_eps) if name in norms else nn.Identity()
-            setattr(self, name, norm)
+            setattr(self, name, SpanNormRMSNorm(self.head_dim, eps=config.rms_norm_eps) if name in norms else no_norm)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -201,16 +240,16 @@ class SpanNormAttention(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------
 # Norm schemes. Each block function is the scheme's equations as code: `x` is the block input, `attn` the
-# attention sublayer, `layer.mlp` the FFN (dense or MoE), `a` the skip scale. Norms a scheme does not list
-# are `nn.Identity` in its layers, so state dicts carry no dead weights.
+# attention sublayer, `layer.mlp` the FFN (dense or MoE), `a` the skip scale; `N.add_norm(a, x, f)` is N(a x + f)
+# (fused on GPU). Norms a scheme does not list are `no_norm` in its layers, so state dicts carry no dead weights.
 # ---------------------------------------------------------------------------------------------------------
 
 
 def span_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
     """SpanNorm: y = N_attn(a x + Attn(u)), x' = N_ffn(a x + FFN(y)), u = N_in(x) in block 0 only."""
     a = layer.skip_scale
-    y = layer.post_attention_layernorm(a * x + attn(layer.input_layernorm(x)))
-    return layer.post_feedforward_layernorm(a * x + layer.mlp(y))
+    y = layer.post_attention_layernorm.add_norm(a, x, attn(layer.input_layernorm(x)))
+    return layer.post_feedforward_layernorm.add_norm(a, x, layer.mlp(y))
 
 
 def pre_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
@@ -222,8 +261,8 @@ def pre_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) ->
 def post_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
     """PostNorm (and DeepNorm with a != 1): h = N1(a x + Attn(x)), x' = N2(a h + FFN(h))."""
     a = layer.skip_scale
-    h = layer.post_attention_layernorm(a * x + attn(x))
-    return layer.post_feedforward_layernorm(a * h + layer.mlp(h))
+    h = layer.post_attention_layernorm.add_norm(a, x, attn(x))
+    return layer.post_feedforward_layernorm.add_norm(a, h, layer.mlp(h))
 
 
 def peri_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
@@ -282,7 +321,7 @@ class SpanNormDecoderLayer(GradientCheckpointingLayer):
         self.mlp = SpanNormSparseMoeBlock(config) if config.is_sparse_layer(layer_idx) else SpanNormMLP(config)
         owned = self.scheme.norms + (self.scheme.first_block_norms if layer_idx == 0 else ())
         for name in BLOCK_NORMS:
-            norm = SpanNormRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if name in owned else nn.Identity()
+            norm = SpanNormRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if name in owned else no_norm
             setattr(self, name, norm)
         if (gain := config.branch_gain) is not None:  # DeepNet init of span/deepnorm, applied by `_init_weights`
             attn, mlp = self.self_attn, self.mlp
@@ -335,6 +374,14 @@ class SpanNormPreTrainedModel(PreTrainedModel):
         "attentions": SpanNormAttention,
     }
 
+    def set_add_norm_implementation(self, implementation: str) -> None:
+        """Pick how every N(a x + f) of this model runs: "auto" (fused on CUDA), "fused" or "plain"."""
+        if implementation not in ADD_NORM_IMPLEMENTATIONS:
+            raise ValueError(f"add-norm implementation {implementation!r} is not one of {ADD_NORM_IMPLEMENTATIONS}")
+        for module in self.modules():
+            if isinstance(module, SpanNormRMSNorm):
+                module.add_norm_implementation = implementation
+
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, initializer_range) by default; a scheme's own init is marked on the modules it concerns
         (`xavier_gain`, `init_std`, set where the scheme is wired). `init.*` skips weights that
@@ -361,6 +408,7 @@ class SpanNormPreTrainedModel(PreTrainedModel):
 
 class SpanNormModel(SpanNormPreTrainedModel):
     def __init__(self, config: SpanNormConfig):
+        config.validate_spannorm()  # again here: `from_dict(..., **kwargs)` and attribute edits skip __post_init__
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
@@ -371,7 +419,7 @@ class SpanNormModel(SpanNormPreTrainedModel):
             [SpanNormDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
         final = NORM_SCHEMES[config.norm_scheme].final_norm
-        self.norm = SpanNormRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if final else nn.Identity()
+        self.norm = SpanNormRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if final else no_norm
         self.rotary_emb = SpanNormRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()

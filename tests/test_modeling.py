@@ -222,11 +222,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     reference = grads()
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
-    checkpointed = grads()
-    for name, grad in reference.items():
-        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    for enable in (model.gradient_checkpointing_enable, model.activation_checkpointing_enable):
+        enable()
+        assert model.is_activation_checkpointing
+        checkpointed = grads()
+        for name, grad in reference.items():
+            torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        model.activation_checkpointing_disable()
 
 
 def test_deprecated_past_key_values_matches_cache():
@@ -350,6 +352,16 @@ def test_invalid_config_raises_value_error_naming_the_field(field, kwargs):
         field = "num_attention_heads"  # the message names the field that fails to divide
     with pytest.raises(ValueError, match=field):
         tiny_config(**kwargs)
+
+
+def test_config_edited_after_construction_is_validated_when_the_model_is_built():
+    config = SpanNormConfig.from_dict(tiny_config().to_dict(), norm_scheme="bogus")  # kwargs bypass __post_init__
+    with pytest.raises(ValueError, match="norm_scheme='bogus'"):
+        SpanNormForCausalLM(config)
+    config = tiny_config()
+    config.num_key_value_heads = 3
+    with pytest.raises(ValueError, match="num_key_value_heads=3"):
+        AutoModelForCausalLM.from_config(config)
 
 
 def test_invalid_config_json_is_rejected_on_load(tmp_path):

@@ -1,0 +1,238 @@
+"""The GPU check of issue 6, run by scripts/gpu_check.sh (read its header first): SpanNorm vs Llama at the 1B preset.
+
+bf16 training steps (forward + backward + fused AdamW) with FlashAttention (flash-attn if importable, else PyTorch
+SDPA restricted to its flash backend; the output says which ran), model FLOPs utilisation from counted FLOPs, peak
+memory, decode tokens/s from a KV cache at batch 1 and 8, and, if time is left, static-cache `generate` with
+transformers' compiled decode step. SpanNorm runs twice: with its default add+norm (fused by torch.compile/Triton on
+CUDA) and with the plain ops, so the fused path's gain is measured, not assumed. `--dry-run` runs every step on CPU
+at the tiny preset so the script is known to work before a GPU is lent.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig
+
+from spannorm_hf import SpanNormConfig
+from spannorm_hf.benchmark import Contender, build, interleaved, matmul_params, paired_ratio
+from spannorm_hf.modeling_spannorm import fused_add_rms_norm
+
+ROOT = Path(__file__).resolve().parent.parent
+H200_BF16_DENSE_TFLOPS = 989.0  # datasheet, dense (no sparsity); the measured matmul ceiling is printed beside it
+MIN_TRANSFORMERS = (5, 24)
+
+
+def train_flops(config, batch: int, seq: int) -> float:
+    """FLOPs of one training step, counted: 2 per multiply-add of every Linear (LM head included, the embedding
+    lookup not), plus causal attention's QK^T and AV (half the square), times 3 for forward + backward."""
+    h, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    head_dim = config.head_dim or h // heads
+    kv = config.num_key_value_heads * head_dim
+    linear = layers * (h * heads * head_dim + 2 * h * kv + heads * head_dim * h + 3 * h * config.intermediate_size)
+    linear += h * config.vocab_size
+    attention = layers * 2 * 2 * heads * head_dim * seq / 2  # per token: QK^T + AV, 2 FLOPs each, causal half
+    return 3 * batch * seq * (2 * linear + attention)
+
+
+def matmul_ceiling_tflops(device: torch.device, n: int) -> float:
+    """bf16 n^3 matmul rate on random data, mean of 10 after 3 warm-ups: the practical peak MFU is judged by."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    _sync(device)
+    return 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pick_attention(device: torch.device) -> tuple[str, contextlib.AbstractContextManager, str]:
+    """flash-attn 2 if importable; else SDPA limited to its flash backend (checked on a GQA causal call first)."""
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2", contextlib.nullcontext(), f"flash-attn {flash_attn.__version__}"
+    except ImportError:
+        pass
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 4, 16, 64, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, 2, 16, 64, device=device, dtype=torch.bfloat16)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+        return "sdpa", sdpa_kernel(SDPBackend.FLASH_ATTENTION), "SDPA, flash backend only (flash-attn not importable)"
+    except RuntimeError as err:
+        why = str(err).splitlines()[0][:160]
+        return "sdpa", contextlib.nullcontext(), f"SDPA, default backend choice (its flash backend refused: {why})"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny preset, same steps: proves the script runs")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs" / "gpu_check")))
+    p.add_argument("--budget-s", type=float, default=420.0, help="skip optional parts past this many seconds")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if version < MIN_TRANSFORMERS:
+        print(
+            f"transformers {transformers.__version__} is older than {MIN_TRANSFORMERS}: carry the wheel (see "
+            "scripts/gpu_check.sh --fetch-wheels)",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device here; use --dry-run to check the script on CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    preset = "spannorm-tiny.json" if args.dry_run else "spannorm-1b.json"
+    batch, seq = (2, 64) if args.dry_run else (4, 2048)
+    prompt_len, new_tokens, rounds = (8, 8, 3) if args.dry_run else (128, 64, 6)
+
+    attn_impl, attn_context, attn_note = pick_attention(device)
+    span_config = SpanNormConfig.from_json_file(ROOT / "configuration" / preset)
+    span_config.max_position_embeddings = max(seq, prompt_len + new_tokens)
+    fields = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    )
+    llama_config = LlamaConfig(
+        **{k: getattr(span_config, k) for k in fields}, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    for config in (span_config, llama_config):
+        config._attn_implementation = attn_impl
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    header = [
+        f"# GPU check: SpanNorm vs Llama, {preset} shapes, bf16",
+        "",
+        f"{where}; torch {torch.__version__}; transformers {transformers.__version__}; python "
+        f"{sys.version.split()[0]}; attention: {attn_note}",
+    ]
+    if args.dry_run:
+        header.append("\nDRY RUN: tiny model on CPU, 3 rounds; the numbers only show that every step runs.")
+    print("\n".join(header), flush=True)
+
+    ceiling = matmul_ceiling_tflops(device, 512 if args.dry_run else 8192)
+    dtype = torch.bfloat16
+    contenders = [Contender("llama", build(llama_config, device, dtype))]
+    contenders.append(Contender("span (fused add+norm)", build(span_config, device, dtype)))
+    contenders.append(Contender("span (plain add+norm)", build(span_config, device, dtype)))
+    contenders[1].model.set_add_norm_implementation("fused")  # what "auto" picks on CUDA; forced for the dry run
+    contenders[2].model.set_add_norm_implementation("plain")
+    try:  # a compiler failure costs one row, not the lease
+        probe = torch.randn(2, 8, span_config.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
+        fused_add_rms_norm()(1.5, probe, probe, torch.ones_like(probe[0, 0]), 1e-6).sum().backward()
+    except Exception as err:  # any compiler error: report it and go on without the fused row
+        print(f"fused add+norm failed to compile here, its row is dropped: {type(err).__name__}: {err}"[:400])
+        del contenders[1]
+    for c in contenders:
+        assert matmul_params(c.model) == matmul_params(contenders[0].model), c.name
+        if device.type == "cuda":
+            c.optimizer = torch.optim.AdamW(c.model.parameters(), lr=1e-4, fused=True)
+    flops = train_flops(span_config, batch, seq)
+    ids = torch.randint(3, span_config.vocab_size, (batch, seq), device=device)
+    result = {
+        "device": where,
+        "attention": attn_note,
+        "preset": preset,
+        "batch": batch,
+        "seq": seq,
+        "matmul_ceiling_tflops": ceiling,
+        "train_flops_per_step": flops,
+        "models": {},
+    }
+    with attn_context:
+        train = interleaved(contenders, lambda c: c.train_step(ids), warmup=2, repeats=rounds)
+        memory = {c.name: c.peak_train_bytes(ids) for c in contenders}
+        decode = {}
+        for b in (1, 8):
+            prompt = torch.randint(3, span_config.vocab_size, (b, prompt_len), device=device)
+            decode[b] = interleaved(contenders, lambda c, p=prompt: c.decode(p, new_tokens), warmup=1, repeats=3)
+
+    lines = [
+        "",
+        f"Training step: batch {batch} x {seq} tokens, {flops / 1e12:.3g} TFLOP counted per step; MFU against the "
+        f"datasheet's {H200_BF16_DENSE_TFLOPS:.0f} TFLOP/s and against this card's measured bf16 matmul rate "
+        f"({ceiling:.3g} TFLOP/s). Decode: {new_tokens} greedy tokens from a KV cache after a {prompt_len}-token "
+        f"prompt. Medians of {rounds} interleaved rounds; ratios vs llama in the same rounds.",
+        "",
+        "| model | step | vs llama | TFLOP/s | MFU (datasheet) | MFU (measured peak) | peak memory | decode b1 "
+        "tok/s | decode b8 tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in contenders:
+        step = statistics.median(train[c.name])
+        tflops = flops / step / 1e12
+        ratio = paired_ratio(train, c.name, "llama")
+        d1, d8 = (b * new_tokens / statistics.median(decode[b][c.name]) for b in (1, 8))
+        lines.append(
+            f"| {c.name} | {step * 1e3:.1f} ms | {ratio[0]:.3f}x | {tflops:.3g} | "
+            f"{tflops / H200_BF16_DENSE_TFLOPS:.1%} | {tflops / ceiling:.1%} | {memory[c.name] / 2**20:,.0f} MiB | "
+            f"{d1:,.0f} | {d8:,.0f} |"
+        )
+        result["models"][c.name] = {
+            "step_s": step,
+            "ratio_vs_llama": ratio[0],
+            "tflops": tflops,
+            "peak_bytes": memory[c.name],
+            "decode_b1_tok_s": d1,
+            "decode_b8_tok_s": d8,
+        }
+    print("\n".join(lines), flush=True)
+
+    elapsed = time.perf_counter() - started
+    if elapsed < args.budget_s / 2:
+        prompt = torch.randint(3, span_config.vocab_size, (1, prompt_len), device=device)
+        gen = [contenders[0], contenders[1]]
+        compiled = interleaved(gen, lambda c: c.generate(prompt, new_tokens, compiled=True), warmup=1, repeats=3)
+        static = ["", "Static-cache generate, batch 1, transformers' compiled decode step:", ""]
+        for c in gen:
+            tok_s = new_tokens / statistics.median(compiled[c.name])
+            static.append(f"- {c.name}: {tok_s:,.0f} new tokens/s")
+            result["models"][c.name]["static_compiled_b1_tok_s"] = tok_s
+        print("\n".join(static), flush=True)
+        lines += static
+    else:
+        lines.append(f"\n(static-cache compiled generate skipped: {elapsed:.0f} s already spent)")
+    total = time.perf_counter() - started
+    lines.append(f"\nFinished in {total:.0f} s.")
+    print(lines[-1].strip())
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("gpu_check.md", "\n".join(header + lines) + "\n"), ("gpu_check.json", json.dumps(result))):
+        (args.out / f"{name}.tmp").write_text(text)
+        os.replace(args.out / f"{name}.tmp", args.out / name)  # a rerun never leaves half a file
+    if not all(math.isfinite(m["step_s"]) for m in result["models"].values()):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

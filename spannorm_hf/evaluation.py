@@ -1,0 +1,237 @@
+"""Evaluating a SpanNorm checkpoint: sliding-window perplexity on held-out text, and the lm-evaluation-harness
+tasks the paper reports, run through lm-eval's own `hf` model class (`pretrained=DIR,trust_remote_code=True`).
+
+`evaluate`'s perplexity metric is not used: it lives on the Hub (so fails offline) and reloads the model by name
+on every call; the sliding-window loop below is the standard one (the transformers perplexity guide), written
+so that every token from position 1 on is scored exactly once.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .finetune import load_adapter
+from .generation import load_model
+from .hub import atomic_write_text, read_checkpoint_config
+
+# The zero-shot tasks the paper reports, by their lm-eval names. Their data comes from the Hub (or its cache).
+PAPER_TASKS = ("hellaswag", "winogrande", "piqa", "wikitext", "sciq", "lambada_openai", "arc_challenge")
+LOCAL_DATASET_BUILDERS = ("json", "csv", "text", "parquet", "arrow")
+
+
+@dataclass
+class Perplexity:
+    dataset: str
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token, nats
+    tokens: int  # tokens scored
+    max_length: int
+    stride: int
+
+
+@torch.no_grad()
+def sliding_window_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor, max_length: int, stride: int
+) -> tuple[float, int]:
+    """(summed NLL in nats, tokens scored) of a 1-D token sequence. Windows of `max_length` tokens start every
+    `stride` tokens; each window scores only the tokens no earlier window scored, so with stride < max_length
+    every token has at least max_length - stride tokens of context. With stride == max_length (no overlap) the
+    first token of each window has no context and is skipped, as is token 0."""
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} must be >= 2")
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride={stride} must be in [1, max_length={max_length}]")
+    n = input_ids.numel()
+    if n < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {n}")
+    device = next(model.parameters()).device
+    total, count, scored_until = 0.0, 0, 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        first = max(scored_until, begin + 1)  # first position scored in this window
+        keep = end - first + 1  # logits at positions first-1 .. end-1 (the last predicts nothing)
+        window = input_ids[begin:end].unsqueeze(0).to(device)
+        logits = model(window, logits_to_keep=keep, use_cache=False).logits[0, :-1].float()
+        targets = input_ids[first:end].to(device)
+        total -= F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).sum().item()
+        count += end - first
+        scored_until = end
+        if end == n:
+            break
+    return total, count
+
+
+def read_eval_text(path: str | os.PathLike) -> str:
+    """Held-out text: a plain text file, or .jsonl/.json records with a 'text' field (joined by blank lines)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation text {str(path)!r} not found")
+    if path.suffix not in (".jsonl", ".json"):
+        return path.read_text(encoding="utf-8")
+    from datasets import load_dataset
+
+    records = load_dataset("json", data_files=str(path), split="train")
+    if "text" not in records.column_names:
+        raise ValueError(f"{str(path)!r}: records need a 'text' field; found {records.column_names}")
+    return "\n\n".join(records["text"])
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    dataset: str = "text",
+) -> Perplexity:
+    """Sliding-window perplexity of `text`; max_length defaults to the model's context, stride to half of it."""
+    max_length = max_length or model.config.max_position_embeddings
+    stride = stride or max(1, max_length // 2)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    total, count = sliding_window_nll(model, ids, max_length, stride)
+    return Perplexity(dataset, math.exp(total / count), total / count, count, max_length, stride)
+
+
+def lm_eval_model_args(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """lm-eval `hf` model arguments: the checkpoint with trust_remote_code, or an adapter's base plus `peft=`
+    (after checking that the adapter belongs to that base)."""
+    path = Path(name_or_path).expanduser()
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        model, _ = load_adapter(path)  # raises when the adapter does not belong to its base
+        del model
+        return {"pretrained": base, "peft": str(path.resolve()), "trust_remote_code": True}
+    read_checkpoint_config(name_or_path)
+    pretrained = str(path.resolve()) if path.exists() else str(name_or_path)
+    return {"pretrained": pretrained, "trust_remote_code": True}
+
+
+def summarize_lm_eval(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{task: {"metrics": {metric: value}, "dataset": Hub dataset id or None}} from lm-eval's results dict."""
+    summary = {}
+    for task, values in results["results"].items():
+        metrics = {}
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(",")
+            if filter_name and "_stderr" not in metric and isinstance(value, (int, float)):
+                metrics[metric if filter_name == "none" else f"{metric} ({filter_name})"] = value
+        dataset = results.get("configs", {}).get(task, {}).get("dataset_path")
+        summary[task] = {"metrics": metrics, "dataset": None if dataset in LOCAL_DATASET_BUILDERS else dataset}
+    return summary
+
+
+@functools.cache
+def task_manager(include_path: str | None = None):
+    """lm-eval's task index (built-in tasks plus the YAMLs under `include_path`); indexing takes seconds, so once."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def run_lm_eval(
+    name_or_path: str | os.PathLike,
+    tasks: Sequence[str],
+    *,
+    include_path: str | os.PathLike | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | str = 1,
+    limit: int | float | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on our checkpoint; returns lm-eval's full results dict. `include_path` adds a
+    folder of task YAMLs (local tasks). Tasks that need Hub data fail with a message saying so."""
+    import lm_eval
+
+    tasks = [t for name in tasks for t in (PAPER_TASKS if name == "paper" else (name,))]
+    manager = task_manager(str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}; 'paper' stands for {list(PAPER_TASKS)}")
+    try:
+        return lm_eval.simple_evaluate(
+            model="hf",
+            model_args=lm_eval_model_args(name_or_path),
+            tasks=list(tasks),
+            task_manager=manager,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            limit=limit,
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        )
+    except (ConnectionError, OSError) as error:
+        raise RuntimeError(
+            f"lm-eval could not run {list(tasks)}: {error}. The paper's tasks read their datasets from the Hub: run "
+            "once with network access (they are cached in HF_DATASETS_CACHE) or define local tasks with --include-path"
+        ) from error
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Perplexity and lm-evaluation-harness scores of a SpanNorm checkpoint.")
+    p.add_argument("--model", required=True, help="checkpoint folder, Hub id, or LoRA adapter folder")
+    p.add_argument("--text", help="held-out text for perplexity (.txt, or .jsonl with a 'text' field)")
+    p.add_argument("--max-length", type=int, help="perplexity window (default: the model's context length)")
+    p.add_argument("--stride", type=int, help="perplexity stride (default: half the window)")
+    p.add_argument("--tasks", nargs="+", default=[], help=f"lm-eval tasks; 'paper' = {' '.join(PAPER_TASKS)}")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=float, help="examples per task (lm-eval --limit; for smoke tests)")
+    p.add_argument("--batch-size", default="1")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--output", help="write the results as JSON here (publish.py --eval-results reads it)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.text and not args.tasks:
+        parser().error("nothing to do: give --text (perplexity) and/or --tasks (lm-eval)")
+    report: dict[str, Any] = {"model": str(args.model)}
+    try:
+        if args.text:
+            model, tokenizer = load_model(args.model, device=args.device)
+            text = read_eval_text(args.text)
+            result = perplexity(
+                model, tokenizer, text, max_length=args.max_length, stride=args.stride, dataset=Path(args.text).name
+            )
+            report["perplexity"] = asdict(result)
+            print(
+                f"perplexity {result.perplexity:.4f} ({result.tokens} tokens, window {result.max_length}, "
+                f"stride {result.stride})"
+            )
+            del model
+        if args.tasks:
+            limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+            batch_size = args.batch_size if args.batch_size.startswith("auto") else int(args.batch_size)
+            results = run_lm_eval(
+                args.model,
+                args.tasks,
+                include_path=args.include_path,
+                num_fewshot=args.num_fewshot,
+                batch_size=batch_size,
+                limit=limit,
+                device=args.device,
+            )
+            report["lm_eval"] = summarize_lm_eval(results)
+            for task, info in report["lm_eval"].items():
+                print(task, " ".join(f"{m}={v:.4f}" for m, v in info["metrics"].items()))
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.output:
+        atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+        print(f"Results: {args.output}")
+    return 0

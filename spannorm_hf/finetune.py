@@ -1,0 +1,404 @@
+"""LoRA fine-tuning of a SpanNorm checkpoint with PEFT and the transformers `Trainer`.
+
+Dense layers get LoRA on every linear layer (`target_modules="all-linear"`, which leaves the LM head alone); the
+fused 3D expert weights of MoE layers are not `nn.Linear`, so they are adapted through PEFT's
+`target_parameters`. Data is text (packed into blocks, loss on every token) or instruction jsonl with
+`prompt`/`response` (loss on the response only, prompt rendered with the tokenizer's chat template when it has
+one). The adapter folder records a fingerprint of its base's weights, so it is never silently applied to
+another base.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from datasets import Dataset, load_dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from .hub import TRAINING_DETAILS_FILE, atomic_output_dir, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# Instruction format for tokenizers without a chat template (ours, by default); generation uses the same one.
+PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+ADAPTER_BASE_FILE = "spannorm_base.json"
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_config(
+    config: Any,
+    *,
+    rank: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: str | Sequence[str] = "all-linear",
+    target_parameters: Sequence[str] | None = None,
+) -> LoraConfig:
+    """LoRA settings for a SpanNorm config; `target_parameters=None` means the fused experts of MoE models."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank={rank} must be >= 1")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout={dropout} must be in [0, 1)")
+    if target_parameters is None:
+        target_parameters = EXPERT_PARAMETERS if config.num_experts > 0 else ()
+    if isinstance(target_modules, Sequence) and not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        target_parameters=list(target_parameters) or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def base_fingerprint(model: PreTrainedModel) -> str:
+    """A cheap hash of a (plain, un-wrapped) model's weights: names, shapes and the first 256 values of every
+    tensor rounded to bf16, so an fp32 and a bf16 load of the same checkpoint agree and two checkpoints differ."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        head = tensor.detach().flatten()[:256].to("cpu", torch.bfloat16)
+        digest.update(head.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The prompt as the model sees it: the chat template's user turn + generation prompt, else PROMPT_TEMPLATE."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def _response_text(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, prompt_text: str) -> str:
+    if not tokenizer.chat_template:
+        return response
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+    )
+    # The assistant turn with the template's own closing markup, when the template renders the prompt as a prefix.
+    return full[len(prompt_text) :] if full.startswith(prompt_text) else response
+
+
+def encode_instruction(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
+) -> dict[str, list[int]]:
+    """input_ids and labels with the prompt masked out (IGNORE_INDEX). Prompt and response are tokenized apart,
+    so the training prompt tokens are exactly those generation will start from."""
+    prompt_text = format_prompt(tokenizer, prompt)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(_response_text(tokenizer, prompt, response, prompt_text), add_special_tokens=False)[
+        "input_ids"
+    ]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not response_ids or response_ids[-1] != eos):
+        response_ids = response_ids + [eos]  # teach the model to stop
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def load_training_data(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    """A tokenized dataset from `.jsonl`/`.json` (records with prompt+response, or text) or plain text (any other
+    suffix; the file is one document). Text is packed into `max_length` blocks joined by EOS."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {str(path)!r} not found")
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} must be >= 2")
+    if path.suffix in (".jsonl", ".json"):
+        raw = load_dataset("json", data_files=str(path), split="train")
+    else:
+        raw = load_dataset("text", data_files=str(path), split="train", sample_by="document")
+    columns = set(raw.column_names)
+    if {"prompt", "response"} <= columns:
+
+        def encode(example):
+            return encode_instruction(tokenizer, example["prompt"], example["response"], max_length)
+
+        data = raw.map(encode, remove_columns=raw.column_names)
+        kept = data.filter(lambda example: any(label != IGNORE_INDEX for label in example["labels"]))
+        if len(kept) < len(data):
+            logger.warning(
+                "%d of %d examples dropped: the prompt fills max_length=%d",
+                len(data) - len(kept),
+                len(data),
+                max_length,
+            )
+        data = kept
+    elif "text" in columns:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+        def pack(batch):
+            ids = [i for text in batch["text"] for i in tokenizer(text, add_special_tokens=False)["input_ids"] + eos]
+            blocks = [ids[start : start + max_length] for start in range(0, len(ids), max_length)]
+            blocks = [block for block in blocks if len(block) > 1]
+            return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+        data = raw.map(pack, batched=True, remove_columns=raw.column_names)
+    else:
+        raise ValueError(
+            f"training data {str(path)!r}: records need 'prompt' and 'response' (instruction data) or 'text'; "
+            f"found columns {sorted(columns)}"
+        )
+    if len(data) == 0:
+        raise ValueError(f"training data {str(path)!r} gave no training examples")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------- adapters
+
+
+def load_adapter(
+    adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto"
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The base named in the adapter folder (or `base`) with the adapter attached, in eval mode. Raises
+    ValueError when the adapter was trained on another base (fingerprint or shapes differ)."""
+    adapter_dir = Path(adapter_dir).expanduser()
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(adapter_dir)!r} has no adapter_config.json: not a PEFT adapter folder")
+    base = base or json.loads(config_path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"adapter {str(adapter_dir)!r} does not name its base model; pass the base explicitly")
+    model, tokenizer = load_checkpoint(base, dtype=dtype)
+    record_path = adapter_dir / ADAPTER_BASE_FILE
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        found = base_fingerprint(model)
+        if record["fingerprint"] != found:
+            raise ValueError(
+                f"adapter {str(adapter_dir)!r} was trained on another base: it records {record['base']!r} with "
+                f"weight fingerprint {record['fingerprint'][:12]}, but {str(base)!r} has fingerprint {found[:12]}"
+            )
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    except (RuntimeError, ValueError, KeyError) as error:  # size mismatch, target modules missing in the base
+        raise ValueError(f"adapter {str(adapter_dir)!r} does not fit base {str(base)!r}: {error}") from error
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    return model.eval(), tokenizer
+
+
+def merge_adapter(
+    adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, base: str | os.PathLike | None = None
+) -> Path:
+    """Fold the adapter into the base (`merge_and_unload`) and save a standalone SpanNorm checkpoint."""
+    model, tokenizer = load_adapter(adapter_dir, base)
+    merged = model.merge_and_unload()
+    details_path = Path(adapter_dir) / TRAINING_DETAILS_FILE
+    details = json.loads(details_path.read_text()) if details_path.is_file() else {}
+    details["merged"] = "LoRA adapter merged into the base weights (merge_and_unload)"
+    with atomic_output_dir(output_dir) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
+    return Path(output_dir).expanduser().resolve()
+
+
+def _base_reference(name_or_path: str | os.PathLike) -> str:
+    """Where the adapter will find its base again: an absolute path for local folders, else the Hub id."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class FinetuneResult:
+    adapter_dir: Path
+    merged_dir: Path | None
+    model: PeftModel  # the trained model, in eval mode
+    train_loss: float
+    steps: int
+    examples: int
+
+
+def finetune_lora(
+    base: str | os.PathLike,
+    data: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    merge_dir: str | os.PathLike | None = None,
+    rank: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: str | Sequence[str] = "all-linear",
+    target_parameters: Sequence[str] | None = None,
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    learning_rate: float = 2e-4,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    max_length: int = 512,
+    gradient_checkpointing: bool = True,
+    seed: int = 0,
+    dtype: str | torch.dtype = "auto",
+    logging_steps: int = 10,
+) -> FinetuneResult:
+    """Train a LoRA adapter on `data`, save it (with tokenizer and fingerprint) to `output_dir`, and with
+    `merge_dir` also a merged standalone checkpoint."""
+    model, tokenizer = load_checkpoint(base, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = load_training_data(data, tokenizer, max_length)
+    fingerprint = base_fingerprint(model)
+    set_seed(seed)  # the LoRA init
+    settings = lora_config(
+        model.config,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        target_parameters=target_parameters,
+    )
+    model = get_peft_model(model, settings)
+    model.peft_config["default"].base_model_name_or_path = _base_reference(base)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum,
+            learning_rate=learning_rate,
+            num_train_epochs=epochs,
+            max_steps=max_steps,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.03,
+            logging_steps=logging_steps,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            activation_checkpointing=gradient_checkpointing,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        output = trainer.train()
+    model.eval()
+    modules = settings.target_modules
+    details = {
+        "base_model": str(base) if not Path(base).expanduser().exists() else f"local checkpoint {Path(base).name}",
+        "method": f"LoRA (PEFT {peft.__version__}): r={rank}, alpha={alpha}, dropout={dropout}",
+        "target_modules": modules if isinstance(modules, str) else sorted(modules),
+        "target_parameters": list(settings.target_parameters or []),
+        "data": Path(data).name,
+        "examples": len(dataset),
+        "optimizer_steps": output.global_step,
+        "learning_rate": learning_rate,
+        "batch_size": f"{batch_size} x {grad_accum} accumulation",
+        "max_length": max_length,
+        "gradient_checkpointing": gradient_checkpointing,
+        "final_train_loss": round(output.training_loss, 4),
+    }
+    with atomic_output_dir(output_dir, owned_marker="adapter_config.json") as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        record = {"base": _base_reference(base), "fingerprint": fingerprint}
+        (staging / ADAPTER_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
+    adapter_dir = Path(output_dir).expanduser().resolve()
+    merged_dir = merge_adapter(adapter_dir, merge_dir) if merge_dir else None
+    return FinetuneResult(adapter_dir, merged_dir, model, output.training_loss, output.global_step, len(dataset))
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="LoRA fine-tuning of a SpanNorm checkpoint (local folder or Hub id). Without --data, merge an "
+        "existing adapter (--model ADAPTER_DIR) into its base with --merge."
+    )
+    p.add_argument("--model", required=True, help="base checkpoint folder or Hub id (an adapter folder to merge)")
+    p.add_argument("--data", help="training data: .jsonl/.json (prompt+response, or text) or a plain text file")
+    p.add_argument("--output", help="adapter output folder")
+    p.add_argument("--merge", metavar="DIR", help="also write the merged standalone model here")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=int, default=32)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--target-modules", nargs="+", default=["all-linear"], help="LoRA target modules")
+    p.add_argument(
+        "--target-parameters",
+        nargs="*",
+        help=f"parameter targets (default: {' '.join(EXPERT_PARAMETERS)} for MoE models; give none to disable)",
+    )
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.data is None:
+        if not args.merge:
+            parser().error("give --data (and --output) to fine-tune, or an adapter folder as --model with --merge")
+        print(f"Merged model: {merge_adapter(args.model, args.merge)}")
+        return 0
+    if not args.output:
+        parser().error("--output is required with --data")
+    modules = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+    result = finetune_lora(
+        args.model,
+        args.data,
+        args.output,
+        merge_dir=args.merge,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=modules,
+        target_parameters=args.target_parameters,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    print(f"{result.examples} examples, {result.steps} optimizer steps, train loss {result.train_loss:.4f}")
+    print(f"Adapter: {result.adapter_dir}")
+    if result.merged_dir:
+        print(f"Merged model: {result.merged_dir}")
+    return 0

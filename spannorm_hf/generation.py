@@ -1,0 +1,167 @@
+"""Text generation from a SpanNorm checkpoint or LoRA adapter folder: greedy, sampling or beam search over a batch
+of prompts, or streamed to the terminal with `TextStreamer`.
+
+Everything goes through `model.generate` and `GenerationConfig`; this module only checks the settings early and
+names the bad one, pads batches on the left, and picks the model loader (checkpoint or adapter).
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
+
+from .finetune import format_prompt, load_adapter
+from .hub import load_checkpoint
+
+MODES = ("greedy", "sample", "beam")
+
+
+def load_model(
+    name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "auto", device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A SpanNorm checkpoint (folder or Hub id) or a LoRA adapter folder on its base, in eval mode on `device`
+    (default: CUDA when available)."""
+    if (Path(name_or_path).expanduser() / "adapter_config.json").is_file():
+        model, tokenizer = load_adapter(name_or_path, dtype=dtype)
+    else:
+        model, tokenizer = load_checkpoint(name_or_path, dtype=dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def generation_config(
+    model: PreTrainedModel,
+    *,
+    mode: str = "greedy",
+    max_new_tokens: int = 64,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    num_beams: int | None = None,
+    repetition_penalty: float | None = None,
+) -> GenerationConfig:
+    """The model's own generation config (bos/eos/pad) updated for `mode`; settings that `mode` would ignore are
+    an error rather than silently dropped."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if mode != "sample":
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
+            if value is not None:
+                raise ValueError(f"{name}={value} only applies to mode='sample' (mode is {mode!r})")
+    if mode != "beam" and num_beams is not None:
+        raise ValueError(f"num_beams={num_beams} only applies to mode='beam' (mode is {mode!r})")
+    if temperature is not None and temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (use mode='greedy' for argmax decoding)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 disables it)")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1.0 is no penalty)")
+    if num_beams is not None and num_beams < 2:
+        raise ValueError(f"num_beams={num_beams} must be >= 2 for beam search")
+    config = GenerationConfig.from_dict(model.generation_config.to_dict())
+    settings: dict = {"max_new_tokens": max_new_tokens, "do_sample": mode == "sample", "num_beams": 1}
+    if mode == "sample":
+        settings.update(temperature=temperature or 1.0, top_p=top_p or 1.0, top_k=50 if top_k is None else top_k)
+    if mode == "beam":
+        settings.update(num_beams=num_beams or 4, early_stopping=True)
+    if repetition_penalty is not None:
+        settings["repetition_penalty"] = repetition_penalty
+    config.update(**settings)
+    return config
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    config: GenerationConfig,
+    *,
+    stream: bool = False,
+    chat: bool = False,
+) -> list[str]:
+    """The continuation of each prompt (prompt text not repeated). `chat` formats prompts the way fine-tuning
+    formatted instruction data. `stream` prints tokens to stdout as they come, one prompt after another
+    (TextStreamer handles one sequence, so not with beam search)."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    if stream and config.num_beams > 1:
+        raise ValueError("streaming shows one sequence as it grows; it cannot be combined with beam search")
+    texts = [format_prompt(tokenizer, p) for p in prompts] if chat else list(prompts)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right
+    device = next(model.parameters()).device
+    if stream:
+        outputs = []
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        for prompt, text in zip(prompts, texts, strict=True):
+            print(prompt, end="", flush=True)
+            inputs = tokenizer(text, return_tensors="pt").to(device)
+            with torch.no_grad():
+                ids = model.generate(**inputs, generation_config=config, streamer=streamer)
+            outputs.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        return outputs
+    inputs = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+    with torch.no_grad():
+        ids = model.generate(**inputs, generation_config=config)
+    return tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate text with a SpanNorm checkpoint (folder or Hub id) or adapter.")
+    p.add_argument("--model", required=True, help="checkpoint folder, Hub id, or LoRA adapter folder")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--mode", choices=MODES, default="greedy")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, help="sampling temperature (mode sample; default 1.0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (mode sample; default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (mode sample; default 50)")
+    p.add_argument("--num-beams", type=int, help="beams (mode beam; default 4)")
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (not with beam)")
+    p.add_argument("--chat", action="store_true", help="format prompts like fine-tuning's instruction data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    prompts = list(args.prompt)
+    try:
+        if args.prompts_file:
+            prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError("give at least one --prompt or a --prompts-file")
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        config = generation_config(
+            model,
+            mode=args.mode,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            num_beams=args.num_beams,
+            repetition_penalty=args.repetition_penalty,
+        )
+        set_seed(args.seed)
+        outputs = generate(model, tokenizer, prompts, config, stream=args.stream, chat=args.chat)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not args.stream:
+        for prompt, output in zip(prompts, outputs, strict=True):
+            print(f"{prompt}{output}")
+            if len(prompts) > 1:
+                print("-" * 40)
+    return 0

@@ -1,0 +1,530 @@
+"""SpanNorm checkpoints in and out of the Hugging Face Hub.
+
+In: `load_checkpoint` accepts a local folder or a Hub id and fails early, naming the problem, when it is not a
+SpanNorm checkpoint. Out: `build_hub_folder` writes what a Hub repo needs (safetensors shards, config with
+`auto_map`, both remote-code files, tokenizer, generation config, a model card rendered from
+`model_cards/spannorm.md`), `upload_hub_folder` sends it with `huggingface_hub`, and `CheckpointPusher` uploads
+training checkpoints in the background without ever raising into the training loop.
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, wait
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.configuration_utils import PreTrainedConfig
+
+from .configuration_spannorm import SpanNormConfig
+from .modeling_spannorm import SpanNormForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# top-level model_cards/ is a link to this folder, which ships inside the wheel
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "spannorm.md"
+TRAINING_DETAILS_FILE = "training_details.json"  # a flat JSON object; fine-tuning and training write it
+# What a checkpoint folder may hold that a Hub repo should not, unless asked (fnmatch patterns; `*` spans `/`).
+OPTIMIZER_STATE_PATTERNS = ["*optimizer*", "*scheduler*", "*scaler.pt", "*rng_state*", "*random_states*"]
+
+SCHEME_DESCRIPTIONS = {
+    "span": "SpanNorm, y = N(a x + Attn(x)), x' = N(a x + FFN(y)): the skip from the block input spans the whole "
+    "block and the aggregated output is normalized (arXiv 2601.22580)",
+    "pre": "Pre-LN, x' = h + FFN(N(h)) with h = x + Attn(N(x)) (Xiong et al. 2020, arXiv 2002.04745)",
+    "post": "Post-LN, h = N(x + Attn(x)), x' = N(h + FFN(h)) (Vaswani et al. 2017)",
+    "deepnorm": "DeepNorm, Post-LN with a scaled skip and scaled branch init (DeepNet, arXiv 2203.00555)",
+    "peri": "Peri-LN, norms before and after each sublayer (arXiv 2502.02732)",
+    "hybrid": "HybridNorm, QKV-norm attention and a Pre-LN FFN (arXiv 2503.04598)",
+}
+
+
+# ----------------------------------------------------------------------------------------------- reading checkpoints
+
+
+def check_repo_id(repo_id: str) -> str:
+    """A Hub repo id must be `namespace/name` here: a bare name would land in whichever account the token owns."""
+    message = f"repo id {repo_id!r} must be 'namespace/name' (for example your-username/spannorm-small)"
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(message)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{message}: {error}") from None
+    return repo_id
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        check_repo_id(name)
+    except ValueError:
+        return False
+    return not name.startswith((".", "~"))
+
+
+def read_checkpoint_config(
+    name_or_path: str | os.PathLike, revision: str | None = None, token: str | None = None
+) -> dict[str, Any]:
+    """The config.json dict of a SpanNorm checkpoint (local folder or Hub id); a clear error for anything else."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"checkpoint {name!r} is a file; pass the folder that holds config.json")
+        if not (path / "config.json").exists():
+            if (path / "adapter_config.json").exists():
+                raise ValueError(f"{name!r} is a LoRA adapter folder, not a model checkpoint")
+            raise FileNotFoundError(
+                f"checkpoint folder {name!r} has no config.json: not a saved model (see save_pretrained)"
+            )
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON: {error}") from error
+    elif _is_repo_id(name):
+        try:
+            config, _ = PreTrainedConfig.get_config_dict(name, revision=revision, token=token)
+        except OSError as error:
+            raise FileNotFoundError(
+                f"checkpoint {name!r} is not a local folder and could not be read from the Hub: {error}"
+            ) from error
+    else:
+        raise FileNotFoundError(f"checkpoint {name!r} not found: no such folder, and not a Hub id 'namespace/name'")
+    model_type = config.get("model_type")
+    if model_type != SpanNormConfig.model_type:
+        raise ValueError(
+            f"{name!r} is a {model_type!r} checkpoint, not a SpanNorm one "
+            f"(its config.json must have model_type {SpanNormConfig.model_type!r})"
+        )
+    return config
+
+
+def load_checkpoint(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+    token: str | None = None,
+) -> tuple[SpanNormForCausalLM, PreTrainedTokenizerBase]:
+    """Model and tokenizer of a SpanNorm checkpoint, local folder or Hub id."""
+    read_checkpoint_config(name_or_path, revision=revision, token=token)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, revision=revision, token=token)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, token=token)
+    except (OSError, ValueError, TypeError) as error:
+        raise FileNotFoundError(
+            f"checkpoint {str(name_or_path)!r} has no usable tokenizer (save one next to the weights with "
+            f"tokenizer.save_pretrained): {error}"
+        ) from error
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- writing folders
+
+
+@contextmanager
+def atomic_output_dir(target: str | os.PathLike, owned_marker: str = "config.json") -> Iterator[Path]:
+    """Yield a fresh sibling folder and swap it into `target` only if the body succeeds, so a crash never leaves a
+    half-written folder and never destroys the previous one. An existing non-empty `target` is replaced only when it
+    holds `owned_marker` (i.e. it is an earlier output of the same kind), never an unrelated folder."""
+    target = Path(target).expanduser().resolve()
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"output {str(target)!r} exists and is not a folder")
+        if any(target.iterdir()) and not (target / owned_marker).exists():
+            raise FileExistsError(
+                f"output folder {str(target)!r} is not empty and holds no {owned_marker}: refusing to replace it"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        if target.exists():
+            target.rename(backup)
+        staging.rename(target)
+        shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def parameter_counts(config: SpanNormConfig) -> tuple[int, int]:
+    """(total, active per token) parameters; each token runs `num_experts_per_tok` of `num_experts` experts.
+    The model is built on the meta device, so this costs no memory even for large presets."""
+    with torch.device("meta"):
+        model = SpanNormForCausalLM(config)
+    total = active = 0
+    for name, parameter in model.named_parameters():  # tied weights are listed once
+        total += parameter.numel()
+        routed = ".mlp.experts." in name
+        active += parameter.numel() * config.num_experts_per_tok // config.num_experts if routed else parameter.numel()
+    return total, active
+
+
+def _human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit} ({count:,})"
+    return f"{count:,}"
+
+
+def eval_results_from_json(results: dict[str, Any]) -> list[EvalResult]:
+    """Model-index entries from `scripts/evaluate.py --output` JSON (perplexity and lm-eval metrics)."""
+    entries = []
+    ppl = results.get("perplexity")
+    if ppl:
+        entries.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=ppl["dataset"],
+                dataset_name=ppl["dataset"],
+                metric_type="perplexity",
+                metric_value=float(ppl["perplexity"]),
+                metric_args={"max_length": ppl["max_length"], "stride": ppl["stride"]},
+            )
+        )
+    for task, info in results.get("lm_eval", {}).items():
+        for metric, value in info["metrics"].items():
+            entries.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=info.get("dataset") or task,
+                    dataset_name=task,
+                    metric_type=metric,
+                    metric_value=float(value),
+                    source_name="lm-evaluation-harness",
+                    source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+                )
+            )
+    return entries
+
+
+def render_model_card(
+    config: SpanNormConfig,
+    repo_id: str,
+    *,
+    license: str = "apache-2.0",
+    datasets: Sequence[str] = (),
+    eval_results: Sequence[EvalResult] = (),
+    training_details: dict[str, Any] | None = None,
+    template: str | os.PathLike = MODEL_CARD_TEMPLATE,
+) -> ModelCard:
+    """The Hub model card: metadata (license, library, tags, pipeline, datasets, model-index) and the body."""
+    if not Path(template).is_file():
+        raise FileNotFoundError(f"model card template {str(template)!r} not found")
+    name = repo_id.split("/")[-1]
+    moe = config.num_experts > 0
+    tags = ["spannorm", f"norm-scheme-{config.norm_scheme}", "moe" if moe else "dense", "causal-lm", "custom_code"]
+    card_data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=list(datasets) or None,
+        model_name=name,
+        eval_results=list(eval_results) or None,
+    )
+    total, active = parameter_counts(config)
+    if config.norm_scheme in ("span", "deepnorm"):
+        gain = "plain init" if config.branch_gain is None else f"{config.branch_gain:.4g}"
+        skip_and_gain = f"{config.skip_scale:.4g} / {gain}"
+    else:
+        skip_and_gain = "not used by this scheme"
+    if moe:
+        sparse = config.num_hidden_layers - config.first_k_dense_layers
+        experts = f"{config.num_experts}, top-{config.num_experts_per_tok}, in {sparse} of {config.num_hidden_layers}"
+        feed_forward = f"MoE, expert width {config.moe_intermediate_size}"
+        if config.first_k_dense_layers:
+            feed_forward += f"; first {config.first_k_dense_layers} layer(s) dense, width {config.intermediate_size}"
+    else:
+        experts, feed_forward = "none (dense)", f"SwiGLU, width {config.intermediate_size}"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        model_name=name,
+        repo_id=repo_id,
+        norm_scheme=config.norm_scheme,
+        scheme_description=SCHEME_DESCRIPTIONS[config.norm_scheme],
+        skip_and_gain=skip_and_gain,
+        num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        num_experts=config.num_experts,
+        feed_forward=feed_forward,
+        experts=experts,
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_position_embeddings,
+        total_params=_human(total),
+        active_params=_human(active),
+        training_details={
+            key: (", ".join(map(str, value)) or "none") if isinstance(value, (list, tuple)) else value
+            for key, value in (training_details or {}).items()
+        },
+        eval_results=list(eval_results),
+    )
+
+
+def build_hub_folder(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    max_shard_size: str = "2GB",
+    **card_kwargs: Any,
+) -> Path:
+    """Write a complete Hub folder for `repo_id` (atomically). `card_kwargs` go to `render_model_card`."""
+    check_repo_id(repo_id)
+    card = render_model_card(model.config, repo_id, **card_kwargs)
+    with atomic_output_dir(output_dir) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)  # weights, config + auto_map, code files
+        tokenizer.save_pretrained(staging)
+        card.save(staging / "README.md")
+    return Path(output_dir).expanduser().resolve()
+
+
+def folder_listing(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """(relative path, bytes) of every file an upload of `folder` would send."""
+    root = Path(folder)
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------------------------------------------- uploading
+
+
+def is_network_failure(error: BaseException) -> bool:
+    """No answer from the server at all (offline mode, refused connection, DNS, timeout), as opposed to an error
+    the server sent back."""
+    if isinstance(error, HfHubHTTPError):
+        return False
+    return isinstance(error, (HTTPError, ConnectionError, TimeoutError))
+
+
+def upload_hub_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload SpanNorm model",
+) -> str:
+    """create_repo + (create_branch) + upload_folder as one commit; returns the commit URL."""
+    api = HfApi(token=token)
+    api.create_repo(check_repo_id(repo_id), private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        revision=revision,
+        commit_message=commit_message,
+    )
+    return commit.commit_url
+
+
+class CheckpointPusher:
+    """Upload training checkpoints to `repo_id` in the background, one commit per save, without ever raising into
+    the training loop: with no token, no network or a server error it logs one warning and training goes on.
+
+    `push(folder, commit_message)` commits a checkpoint folder to its own branch (default: the folder's name, e.g.
+    `checkpoint-500`, loadable with `from_pretrained(repo_id, revision="checkpoint-500")`) and returns at once with
+    a `Future` (or None when pushing is off); `finish(final_folder)` commits the final model to `main` and waits
+    for every upload. Optimizer/scheduler/RNG state is left out unless `include_optimizer=True`. A model card is
+    written into a folder that holds a SpanNorm config.json and no README.md. Uploads run one at a time, in order,
+    on huggingface_hub's background worker (`HfApi.run_as_future`); keep a folder until its future is done.
+    """
+
+    def __init__(self, repo_id: str, private: bool = False, token: str | None = None, include_optimizer: bool = False):
+        self.repo_id = check_repo_id(repo_id)  # a typo should stop the run before training, not after
+        self.private = private
+        self.token = token or get_token()
+        self.ignore_patterns = [] if include_optimizer else list(OPTIMIZER_STATE_PATTERNS)
+        self.futures: list[Future] = []
+        self._api = HfApi(token=self.token)
+        self._repo_ready = False
+        self._warned = False
+        self.enabled = self.token is not None
+        if not self.enabled:
+            self._warn(f"no Hugging Face token (set HF_TOKEN or run `hf auth login`): not pushing to {repo_id}")
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("%s; training goes on (further push problems are logged at debug level)", message)
+        else:
+            logger.debug(message)
+
+    def _upload(self, folder: str, branch: str, commit_message: str) -> str:
+        if not self._repo_ready:
+            self._api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+            self._repo_ready = True
+        if branch != "main":
+            self._api.create_branch(self.repo_id, branch=branch, exist_ok=True)
+        commit = self._api.upload_folder(
+            repo_id=self.repo_id,
+            folder_path=folder,
+            revision=branch,
+            commit_message=commit_message,
+            ignore_patterns=self.ignore_patterns or None,
+        )
+        return commit.commit_url
+
+    def _on_done(self, future: Future) -> None:
+        error = future.exception()
+        if error is not None:
+            kind = "no network" if is_network_failure(error) else "upload failed"
+            self._warn(f"pushing to {self.repo_id}: {kind}: {error}")
+
+    def _write_card(self, folder: Path) -> None:
+        config_path = folder / "config.json"
+        if (folder / "README.md").exists() or not config_path.exists():
+            return
+        config = SpanNormConfig.from_json_file(config_path)
+        details_path = folder / TRAINING_DETAILS_FILE
+        details = json.loads(details_path.read_text()) if details_path.exists() else None
+        render_model_card(config, self.repo_id, training_details=details).save(folder / "README.md")
+
+    def push(self, folder: str | os.PathLike, commit_message: str, branch: str | None = None) -> Future | None:
+        """Queue one commit of `folder` to `branch` (default: the folder's name); returns immediately."""
+        if not self.enabled:
+            return None
+        try:
+            folder = Path(folder).resolve()
+            self._write_card(folder)
+            future = self._api.run_as_future(self._upload, str(folder), branch or folder.name, commit_message)
+        except Exception as error:  # never into the training loop
+            self._warn(f"pushing {folder} to {self.repo_id} failed: {error}")
+            return None
+        future.add_done_callback(self._on_done)
+        self.futures.append(future)
+        return future
+
+    def finish(self, final_folder: str | os.PathLike, commit_message: str = "Upload final model") -> str | None:
+        """Commit the final model to `main`, wait for every queued upload; the commit URL, or None on failure."""
+        final = self.push(final_folder, commit_message, branch="main")
+        wait(self.futures)
+        if final is None or final.exception() is not None:
+            return None
+        return final.result()
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+
+
+def _read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what} {str(path)!r} is not a readable JSON file: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def publish_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Build a Hub folder (weights, config + auto_map, remote code, tokenizer, model card) from a "
+        "SpanNorm checkpoint folder and upload it."
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained output with a tokenizer)")
+    parser.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", help="branch to commit to (created if missing); default main")
+    parser.add_argument("--dry-run", action="store_true", help="build the folder and list it, upload nothing")
+    parser.add_argument("--output-dir", help="where to build the Hub folder (default: MODEL-hub next to MODEL)")
+    parser.add_argument("--license", default="apache-2.0", help="Hub license id for the card")
+    parser.add_argument("--dataset", action="append", default=[], help="training dataset Hub id (repeatable)")
+    parser.add_argument("--eval-results", help="JSON written by scripts/evaluate.py --output (model-index)")
+    parser.add_argument(
+        "--training-details", help=f"JSON object for the card's training table (default: MODEL/{TRAINING_DETAILS_FILE})"
+    )
+    parser.add_argument("--commit-message", default="Upload SpanNorm model")
+    parser.add_argument("--max-shard-size", default="2GB")
+    return parser
+
+
+def publish_main(argv: Sequence[str] | None = None) -> int:
+    """`scripts/publish.py`: 0 when uploaded, dry-run, or skipped for want of a token or a network; 1 when the
+    server refused the upload (its message is printed); 2 for bad input."""
+    args = publish_parser().parse_args(argv)
+    try:
+        check_repo_id(args.repo_id)
+        model_dir = Path(args.model).expanduser().resolve()
+        details_path = Path(args.training_details or model_dir / TRAINING_DETAILS_FILE)
+        details = None
+        if args.training_details or details_path.exists():
+            details = _read_json_object(details_path, "--training-details")
+        evals = []
+        if args.eval_results:
+            evals = eval_results_from_json(_read_json_object(args.eval_results, "--eval-results"))
+        model, tokenizer = load_checkpoint(model_dir)
+        output = Path(args.output_dir) if args.output_dir else model_dir.with_name(model_dir.name + "-hub")
+        folder = build_hub_folder(
+            model,
+            tokenizer,
+            output,
+            args.repo_id,
+            max_shard_size=args.max_shard_size,
+            license=args.license,
+            datasets=args.dataset,
+            eval_results=evals,
+            training_details=details,
+        )
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    listing = folder_listing(folder)
+    target = f"{args.repo_id}@{args.revision or 'main'}" + (" (private)" if args.private else "")
+    print(f"Hub folder: {folder}")
+    print(f"Files for {target}:")
+    for path, size in listing:
+        print(f"  {path:40s} {size:>14,d} bytes")
+    token = get_token()
+    if args.dry_run or token is None:
+        why = "--dry-run" if args.dry_run else "no Hugging Face token (set HF_TOKEN or run `hf auth login`)"
+        print(f"Not uploaded ({why}). Upload later with the same command, without --dry-run.")
+        return 0
+    try:
+        url = upload_hub_folder(
+            folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            token=token,
+            commit_message=args.commit_message,
+        )
+    except Exception as error:
+        if is_network_failure(error):
+            print(f"Not uploaded: no network ({error}). The folder is ready at {folder}.", file=sys.stderr)
+            return 0
+        if isinstance(error, HfHubHTTPError):
+            print(f"error: upload to {args.repo_id} failed: {error}", file=sys.stderr)
+            return 1
+        raise
+    print(f"Uploaded: {url}")
+    return 0

@@ -1,0 +1,180 @@
+"""Generation: greedy / sampling / beam over batches, streaming, the text-generation pipeline, and the CLI.
+
+Also home of the tiny-checkpoint helpers the other fine-tune / evaluation / hub tests import.
+"""
+
+import functools
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import moe_config, tiny_config
+from transformers import pipeline
+
+from spannorm_hf import SpanNormForCausalLM
+from spannorm_hf.corpus import read_default_corpus
+from spannorm_hf.generation import generate, generation_config, load_model
+from spannorm_hf.tokenizer import train_tokenizer
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+PROMPTS = ["The Python interpreter", "import os", "A list comprehension is"]
+
+
+@functools.cache
+def tiny_tokenizer():
+    return train_tokenizer(read_default_corpus().splitlines()[:3000], vocab_size=300)
+
+
+def save_tiny_checkpoint(path: Path, kind: str = "dense", seed: int = 0, **overrides) -> Path:
+    """A randomly initialised tiny SpanNorm model + the tiny tokenizer, saved like a training checkpoint."""
+    tokenizer = tiny_tokenizer()
+    factory = moe_config if kind == "moe" else tiny_config
+    config = factory(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    SpanNormForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_script(name: str, argv: list[str], monkeypatch) -> int:
+    """Run scripts/NAME.py in this process, as `python scripts/NAME.py ARGV` would; its exit status."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / name), *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+    return exit_info.value.code
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("generate") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_model(checkpoint, device="cpu")
+
+
+def test_batch_generation_equals_one_prompt_at_a_time_and_the_pipeline(checkpoint, loaded):
+    model, tokenizer = loaded
+    config = generation_config(model, max_new_tokens=8)
+    assert not config.do_sample and config.num_beams == 1 and config.eos_token_id == tokenizer.eos_token_id
+    batch = generate(model, tokenizer, PROMPTS, config)
+    alone = [generate(model, tokenizer, [p], config)[0] for p in PROMPTS]
+    assert batch == alone
+    assert all(len(tokenizer(t)["input_ids"]) > 0 for t in batch)  # something was generated
+    pipe = pipeline("text-generation", model=str(checkpoint), trust_remote_code=True, device="cpu")
+    for prompt, continuation in zip(PROMPTS, batch, strict=True):
+        out = pipe(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+        assert out == prompt + continuation
+
+
+def generated_ids(model, tokenizer, prompt, config):
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=config)
+    return out[0, inputs["input_ids"].shape[1] :]
+
+
+def test_sampling_settings_reach_generate(loaded):
+    model, tokenizer = loaded
+    greedy = generated_ids(model, tokenizer, PROMPTS[0], generation_config(model, max_new_tokens=10))
+    top1 = generation_config(model, mode="sample", top_k=1, max_new_tokens=10)
+    assert top1.do_sample and top1.top_k == 1
+    assert torch.equal(generated_ids(model, tokenizer, PROMPTS[0], top1), greedy)
+    hot = generation_config(model, mode="sample", temperature=1.5, top_p=0.95, max_new_tokens=10)
+    samples = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        samples.append(generated_ids(model, tokenizer, PROMPTS[0], hot))
+    assert torch.equal(samples[0], samples[1])  # reproducible for a seed
+    assert not torch.equal(samples[0], samples[2])  # and really sampling
+
+
+def test_repetition_penalty_reaches_generate(loaded):
+    model, tokenizer = loaded
+    prompt_ids = tokenizer(PROMPTS[1])["input_ids"]
+    config = generation_config(model, max_new_tokens=24, repetition_penalty=1e6)
+    new = generated_ids(model, tokenizer, PROMPTS[1], config).tolist()
+    assert len(set(new)) == len(new) and not set(new) & set(prompt_ids)
+    plain = generated_ids(model, tokenizer, PROMPTS[1], generation_config(model, max_new_tokens=24)).tolist()
+    assert len(set(plain)) < len(plain)  # without the penalty this tiny model repeats itself
+
+
+def sequence_logprob(model, prompt_ids, new_ids):
+    ids = torch.cat([prompt_ids, new_ids])[None]
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+    positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+    return logprobs[positions, ids[0, positions + 1]].sum().item()
+
+
+def test_beam_search_finds_a_likelier_continuation_than_greedy(loaded):
+    model, tokenizer = loaded
+    prompt_ids = tokenizer(PROMPTS[2], return_tensors="pt")["input_ids"][0]
+    beam_config = generation_config(model, mode="beam", num_beams=4, max_new_tokens=6)
+    assert beam_config.num_beams == 4 and not beam_config.do_sample
+    beam = generated_ids(model, tokenizer, PROMPTS[2], beam_config)
+    greedy = generated_ids(model, tokenizer, PROMPTS[2], generation_config(model, max_new_tokens=6))
+    assert len(beam) == len(greedy) == 6
+    assert not torch.equal(beam, greedy)
+    assert sequence_logprob(model, prompt_ids, beam) > sequence_logprob(model, prompt_ids, greedy)
+    texts = generate(model, tokenizer, PROMPTS, beam_config)
+    assert texts[2] == tokenizer.decode(beam, skip_special_tokens=True)
+
+
+def test_streaming_prints_the_same_text(loaded, capsys):
+    model, tokenizer = loaded
+    config = generation_config(model, max_new_tokens=8)
+    expected = generate(model, tokenizer, PROMPTS[:2], config)
+    capsys.readouterr()
+    streamed = generate(model, tokenizer, PROMPTS[:2], config, stream=True)
+    printed = capsys.readouterr().out
+    assert streamed == expected
+    assert printed == "".join(f"{p}{e}\n" for p, e in zip(PROMPTS[:2], expected, strict=True))
+    with pytest.raises(ValueError, match="beam"):
+        generate(model, tokenizer, PROMPTS[:1], generation_config(model, mode="beam"), stream=True)
+
+
+BAD_SETTINGS = [
+    ("temperature", dict(mode="sample", temperature=0.0)),
+    ("top_p", dict(mode="sample", top_p=1.5)),
+    ("top_k", dict(mode="sample", top_k=-1)),
+    ("repetition_penalty", dict(repetition_penalty=0.0)),
+    ("max_new_tokens", dict(max_new_tokens=0)),
+    ("num_beams", dict(mode="beam", num_beams=1)),
+    ("temperature", dict(mode="greedy", temperature=0.7)),  # would be silently ignored
+    ("num_beams", dict(mode="sample", num_beams=3)),
+    ("mode", dict(mode="nucleus")),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", BAD_SETTINGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_SETTINGS)])
+def test_bad_generation_settings_name_the_setting(loaded, name, kwargs):
+    with pytest.raises(ValueError, match=name):
+        generation_config(loaded[0], **kwargs)
+
+
+def test_generate_script(checkpoint, loaded, monkeypatch, capsys, tmp_path):
+    model, tokenizer = loaded
+    expected = generate(model, tokenizer, PROMPTS[:2], generation_config(model, max_new_tokens=5))
+    argv = ["--model", str(checkpoint), "--max-new-tokens", "5", "--device", "cpu"]
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text(PROMPTS[1] + "\n\n")
+    assert (
+        run_script("generate.py", [*argv, "--prompt", PROMPTS[0], "--prompts-file", str(prompts_file)], monkeypatch)
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"{PROMPTS[0]}{expected[0]}\n" in out and f"{PROMPTS[1]}{expected[1]}\n" in out
+    assert run_script("generate.py", [*argv, "--prompt", "x", "--mode", "beam", "--stream"], monkeypatch) == 2
+    assert "beam" in capsys.readouterr().err
+    assert run_script("generate.py", ["--model", str(tmp_path / "missing"), "--prompt", "x"], monkeypatch) == 2
+    assert "not found" in capsys.readouterr().err

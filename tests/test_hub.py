@@ -1,0 +1,413 @@
+"""Hub publishing: checkpoint checks, model card, the Hub folder (loaded in a fresh process without the package),
+uploads against a local fake Hub on 127.0.0.1, and background checkpoint pushing."""
+
+import base64
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import transformers
+from conftest import moe_config, tiny_config
+from huggingface_hub import EvalResult, ModelCard
+from test_generate import run_script, save_tiny_checkpoint
+from test_modeling import REMOTE_CHECK
+
+from spannorm_hf import NORM_SCHEME_NAMES, SpanNormForCausalLM
+from spannorm_hf.hub import (
+    SCHEME_DESCRIPTIONS,
+    TRAINING_DETAILS_FILE,
+    CheckpointPusher,
+    build_hub_folder,
+    check_repo_id,
+    eval_results_from_json,
+    load_checkpoint,
+    parameter_counts,
+    read_checkpoint_config,
+    render_model_card,
+)
+
+CODE_FILES = ("configuration_spannorm.py", "modeling_spannorm.py")
+
+
+class FakeHub:
+    """Just enough of the Hub's HTTP API for create_repo / create_branch / upload_folder / push_to_hub, on
+    127.0.0.1. Records every call and every commit; `fail=(status, body)` answers every POST with an error;
+    clearing `gate` holds commits until it is set again."""
+
+    def __init__(self, fail: tuple[int, dict] | None = None):
+        self.calls: list[tuple[str, str]] = []
+        self.commits: list[dict] = []
+        self.fail = fail
+        self.gate = threading.Event()
+        self.gate.set()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, body: dict, headers: dict | None = None):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def do_HEAD(self):
+                self.do_GET()
+
+            def do_GET(self):  # every file lookup (e.g. an existing README.md) misses
+                hub.calls.append((self.command, self.path))
+                self.reply(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.calls.append(("POST", self.path))
+                if hub.fail:
+                    return self.reply(*hub.fail)
+                if self.path == "/api/repos/create":
+                    request = json.loads(body)
+                    hub.created = request
+                    return self.reply(200, {"url": f"{hub.url}/{request['organization']}/{request['name']}"})
+                if self.path == "/api/validate-yaml" or "/branch/" in self.path:
+                    return self.reply(200, {})
+                if "/preupload/" in self.path:
+                    files = json.loads(body)["files"]
+                    modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                    return self.reply(200, {"files": modes})
+                if "/commit/" in self.path:
+                    hub.gate.wait(30)
+                    lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+                    repo, revision = self.path.split("/api/models/")[1].split("/commit/")
+                    files = {
+                        line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                        for line in lines
+                        if line["key"] == "file"
+                    }
+                    hub.commits.append(
+                        {"repo": repo, "revision": revision, "message": lines[0]["value"]["summary"], "files": files}
+                    )
+                    oid = f"{len(hub.commits):040x}"
+                    return self.reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid})
+                self.reply(404, {"error": f"fake hub: no route for {self.path}"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there any more: connection refused
+
+
+@pytest.fixture
+def hub_at(monkeypatch):
+    """Point huggingface_hub (and transformers' shared HfApi) at a local URL, with a fake token; any attempt to
+    resolve a host other than 127.0.0.1 fails the test instead of reaching the network."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost"):
+            raise AssertionError(f"test tried to reach {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
+
+    def point(url: str) -> None:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+        monkeypatch.setattr(
+            huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+
+    return point
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+
+
+@pytest.fixture
+def fake_hub():
+    hub = FakeHub()
+    yield hub
+    hub.close()
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("hub") / "spannorm-moe-tiny", kind="moe")
+
+
+@pytest.mark.parametrize("repo_id", ["alice/spannorm-small", "org-1/model_v2.1"])
+def test_good_repo_ids(repo_id):
+    assert check_repo_id(repo_id) == repo_id
+
+
+@pytest.mark.parametrize("repo_id", ["spannorm-small", "a/b/c", "/name", "alice/", "alice/bad name", "al--ice/x"])
+def test_bad_repo_ids_are_rejected(repo_id):
+    with pytest.raises(ValueError, match="namespace/name"):
+        check_repo_id(repo_id)
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        read_checkpoint_config(tmp_path / "empty")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(ValueError, match="'gpt2' checkpoint, not a SpanNorm one"):
+        load_checkpoint(tmp_path / "gpt2")
+    (tmp_path / "gpt2" / "config.json").write_text("{model_type: spannorm")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_checkpoint(tmp_path / "gpt2")
+    SpanNormForCausalLM(tiny_config()).save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(FileNotFoundError, match="no usable tokenizer"):
+        load_checkpoint(tmp_path / "no-tokenizer")
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        read_checkpoint_config(tmp_path / "weights.safetensors")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="adapter folder"):
+        read_checkpoint_config(tmp_path / "adapter")
+
+
+def test_every_norm_scheme_has_a_card_description():
+    assert set(SCHEME_DESCRIPTIONS) == set(NORM_SCHEME_NAMES)
+    for scheme in NORM_SCHEME_NAMES:
+        assert f"norm-scheme-{scheme}" in render_model_card(tiny_config(norm_scheme=scheme), "a/b").content
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_counts(tied):
+    dense = tiny_config(tie_word_embeddings=tied)
+    model = SpanNormForCausalLM(dense)
+    assert parameter_counts(dense) == (sum(p.numel() for p in model.parameters()),) * 2
+    moe = moe_config(tie_word_embeddings=tied)
+    total, active = parameter_counts(moe)
+    assert total == sum(p.numel() for p in SpanNormForCausalLM(moe).parameters())
+    sparse_layers = moe.num_hidden_layers - moe.first_k_dense_layers
+    per_expert = 3 * moe.hidden_size * moe.moe_intermediate_size  # gate, up, down
+    idle = moe.num_experts - moe.num_experts_per_tok
+    assert active == total - sparse_layers * idle * per_expert
+
+
+EVAL_JSON = {
+    "perplexity": {"dataset": "held_out.txt", "perplexity": 21.5, "nll": 3.07, "tokens": 900, "max_length": 64,
+                   "stride": 32},
+    "lm_eval": {"hellaswag": {"metrics": {"acc": 0.31, "acc_norm": 0.35}, "dataset": "Rowan/hellaswag"}},
+}  # fmt: skip
+
+
+def test_model_card_metadata_validates(tmp_path):
+    config = moe_config()
+    evals = eval_results_from_json(EVAL_JSON)
+    details = {"tokens": "2.1B", "learning_rate": 0.004, "target_modules": ["q_proj", "v_proj"]}
+    card = render_model_card(
+        config, "alice/spannorm-moe", datasets=["alice/pydocs"], eval_results=evals, training_details=details
+    )
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md", ignore_metadata_errors=False)  # parses + validates model-index
+    data = loaded.data
+    assert data.license == "apache-2.0" and data.library_name == "transformers"
+    assert data.pipeline_tag == "text-generation" and data.datasets == ["alice/pydocs"]
+    assert {"spannorm", "norm-scheme-span", "moe"} <= set(data.tags)
+    assert data.model_name == "spannorm-moe"
+    got = {(r.dataset_name, r.metric_type): r.metric_value for r in data.eval_results}
+    assert got == {("held_out.txt", "perplexity"): 21.5, ("hellaswag", "acc"): 0.31, ("hellaswag", "acc_norm"): 0.35}
+    assert all(isinstance(r, EvalResult) and r.task_type == "text-generation" for r in data.eval_results)
+    total, active = parameter_counts(config)
+    text = loaded.text
+    assert f"({total:,})" in text and f"({active:,})" in text and active < total
+    assert "| Experts | 4, top-2, in 2 of 3 |" in text
+    assert "| Norm scheme | `span` |" in text
+    assert 'AutoModelForCausalLM.from_pretrained("alice/spannorm-moe", trust_remote_code=True)' in text
+    assert (
+        "| tokens | 2.1B |" in text
+        and "| target_modules | q_proj, v_proj |" in text
+        and "| hellaswag | acc_norm | 0.35 | lm-evaluation-harness |" in text
+    )
+    dense_text = render_model_card(tiny_config(norm_scheme="pre"), "a/b").content
+    assert "norm-scheme-pre" in dense_text and "- dense" in dense_text and "model-index" not in dense_text
+    assert "No evaluation results were supplied" in dense_text
+
+
+def test_publish_dry_run_folder_loads_without_the_package(moe_checkpoint, tmp_path, monkeypatch, capsys, no_token):
+    out = tmp_path / "hub-folder"
+    (moe_checkpoint / TRAINING_DETAILS_FILE).write_text(json.dumps({"optimizer_steps": 1234}))
+    argv = ["--model", str(moe_checkpoint), "--repo-id", "alice/spannorm-moe-tiny", "--dry-run"]
+    assert run_script("publish.py", [*argv, "--output-dir", str(out)], monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert "Not uploaded (--dry-run)" in printed and "alice/spannorm-moe-tiny@main" in printed
+    names = {p.name for p in out.iterdir()}
+    expected = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        *CODE_FILES,
+    }
+    assert expected <= names and all(name in printed for name in expected)
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_spannorm.SpanNormForCausalLM"
+    card = ModelCard.load(out / "README.md")
+    assert "moe" in card.data.tags and "| optimizer_steps | 1234 |" in card.text  # MODEL/training_details.json
+
+    model, tokenizer = load_checkpoint(moe_checkpoint)
+    prompt = tokenizer("import os")["input_ids"]
+    expected_ids = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0].tolist()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CHECK, str(out), json.dumps(prompt)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected_ids
+
+
+def test_publish_without_token_or_network_exits_zero(moe_checkpoint, tmp_path, capsys, monkeypatch, hub_at):
+    from spannorm_hf.hub import publish_main
+
+    hub_at(closed_port_url())
+    argv = ["--model", str(moe_checkpoint), "--repo-id", "alice/x", "--output-dir", str(tmp_path / "out")]
+    assert publish_main(argv) == 0
+    captured = capsys.readouterr()
+    assert "no network" in captured.err and "Connection refused" in captured.err
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert publish_main(argv) == 0  # rebuilds the same folder in place
+    assert "no Hugging Face token" in capsys.readouterr().out
+    assert publish_main([*argv[:3], "not-namespaced"]) == 2
+    assert "namespace/name" in capsys.readouterr().err
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    assert publish_main([*argv[:4], "--output-dir", str(tmp_path / "precious"), "--dry-run"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_publish_uploads_one_commit_or_reports_the_server_error(moe_checkpoint, tmp_path, capsys, hub_at, fake_hub):
+    from spannorm_hf.hub import publish_main
+
+    hub_at(fake_hub.url)
+    out = tmp_path / "out"
+    argv = ["--model", str(moe_checkpoint), "--repo-id", "alice/spannorm-moe-tiny", "--output-dir", str(out)]
+    assert publish_main([*argv, "--private", "--revision", "v0.1", "--commit-message", "First upload"]) == 0
+    assert "Uploaded: " in capsys.readouterr().out
+    assert fake_hub.created == {"name": "spannorm-moe-tiny", "organization": "alice", "visibility": "private"}
+    assert ("POST", "/api/models/alice/spannorm-moe-tiny/branch/v0.1") in fake_hub.calls
+    (commit,) = fake_hub.commits
+    assert commit["revision"] == "v0.1" and commit["message"] == "First upload"
+    assert set(commit["files"]) == {p.name for p in out.iterdir()}
+    assert commit["files"]["model.safetensors"] == (out / "model.safetensors").read_bytes()
+
+    refusal = 'You don\'t have the rights to create a model under the namespace "alice"'
+    fake_hub.fail = (403, {"error": refusal})
+    assert publish_main(argv) == 1
+    assert refusal in capsys.readouterr().err
+
+
+def test_push_to_hub_writes_the_same_code_files(moe_checkpoint, tmp_path, hub_at, fake_hub):
+    hub_at(fake_hub.url)
+    model, tokenizer = load_checkpoint(moe_checkpoint)
+    model.push_to_hub("alice/pushed")
+    assert ("HEAD", "/alice/pushed/resolve/main/README.md") in fake_hub.calls  # it looked for a card here
+    (pushed,) = fake_hub.commits
+    folder = build_hub_folder(model, tokenizer, tmp_path / "folder", "alice/pushed")
+    for name in CODE_FILES:
+        assert pushed["files"][name] == (folder / name).read_bytes(), name
+    pushed_config = json.loads(pushed["files"]["config.json"])
+    assert pushed_config["auto_map"] == json.loads((folder / "config.json").read_text())["auto_map"]
+    assert {"model.safetensors", "generation_config.json"} <= set(pushed["files"])
+
+
+def checkpoint_folder(root: Path, name: str) -> Path:
+    folder = save_tiny_checkpoint(root / name)
+    for state in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (folder / state).write_bytes(b"state")
+    (folder / "trainer_state.json").write_text("{}")
+    return folder
+
+
+def test_checkpoint_pusher_commits_each_save_in_the_background(tmp_path, hub_at, fake_hub):
+    hub_at(fake_hub.url)
+    pusher = CheckpointPusher("alice/run")
+    fake_hub.gate.clear()  # the Hub is slow: commits wait
+    first = pusher.push(checkpoint_folder(tmp_path, "checkpoint-100"), "step 100")
+    assert first is not None and not first.done()  # push returned while the upload is still running
+    second = pusher.push(checkpoint_folder(tmp_path, "checkpoint-200"), "step 200")
+    fake_hub.gate.set()
+    url = pusher.finish(checkpoint_folder(tmp_path, "final"), "final model")
+    assert first.done() and second.done() and url and url.startswith(fake_hub.url)
+    assert [(c["revision"], c["message"]) for c in fake_hub.commits] == [
+        ("checkpoint-100", "step 100"),
+        ("checkpoint-200", "step 200"),
+        ("main", "final model"),
+    ]
+    for commit in fake_hub.commits:
+        files = set(commit["files"])
+        assert {"config.json", "model.safetensors", "README.md", "trainer_state.json", *CODE_FILES} <= files
+        assert not files & {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    assert "alice/run" in fake_hub.commits[0]["files"]["README.md"].decode()
+    branches = [path for _, path in fake_hub.calls if "/branch/" in path]
+    assert branches == ["/api/models/alice/run/branch/checkpoint-100", "/api/models/alice/run/branch/checkpoint-200"]
+
+    with_state = CheckpointPusher("alice/run", include_optimizer=True)
+    with_state.finish(tmp_path / "checkpoint-100")
+    assert "optimizer.pt" in fake_hub.commits[-1]["files"]
+
+
+def test_checkpoint_pusher_without_token_or_network_warns_once(tmp_path, hub_at, caplog, monkeypatch):
+    folder = checkpoint_folder(tmp_path, "checkpoint-1")
+    hub_at(closed_port_url())
+    with caplog.at_level(logging.WARNING, logger="spannorm_hf.hub"):
+        offline = CheckpointPusher("alice/run")
+        futures = [offline.push(folder, f"save {i}") for i in range(3)]
+        assert offline.finish(folder) is None
+    assert all(f is not None and f.exception() is not None for f in futures)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no network" in warnings[0] and "training goes on" in warnings[0]
+
+    caplog.clear()
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with caplog.at_level(logging.WARNING, logger="spannorm_hf.hub"):
+        tokenless = CheckpointPusher("alice/run")
+        assert tokenless.push(folder, "save") is None and tokenless.finish(folder) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no Hugging Face token" in warnings[0]
+    with pytest.raises(ValueError, match="namespace/name"):
+        CheckpointPusher("run")  # a bad repo id stops the run before training starts
