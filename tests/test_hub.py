@@ -4,10 +4,7 @@ uploads against a local fake Hub on 127.0.0.1, and background checkpoint pushing
 import base64
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +16,7 @@ import transformers
 from conftest import moe_config, tiny_config
 from huggingface_hub import EvalResult, ModelCard
 from test_generate import run_script, save_tiny_checkpoint
-from test_modeling import REMOTE_CHECK
+from test_modeling import generate_in_fresh_process
 
 from spannorm_hf import NORM_SCHEME_NAMES, SpanNormForCausalLM
 from spannorm_hf.hub import (
@@ -284,17 +281,7 @@ def test_publish_dry_run_folder_loads_without_the_package(moe_checkpoint, tmp_pa
     model, tokenizer = load_checkpoint(moe_checkpoint)
     prompt = tokenizer("import os")["input_ids"]
     expected_ids = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0].tolist()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CHECK, str(out), json.dumps(prompt)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected_ids
+    assert generate_in_fresh_process(out, prompt, tmp_path) == expected_ids
 
 
 def test_publish_without_token_or_network_exits_zero(moe_checkpoint, tmp_path, capsys, monkeypatch, hub_at):

@@ -308,23 +308,28 @@ REMOTE_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_remote_code_folder_loads_without_the_package(tmp_path, kind):
-    model = build("span", kind)
-    model.save_pretrained(tmp_path / "model")
-    prompt = ids(1, 5)[0].tolist()
-    expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0].tolist()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+def generate_in_fresh_process(folder, prompt: list[int], scratch) -> list[int]:
+    """Greedy ids from `folder` loaded by a fresh Python with HF_HUB_OFFLINE=1 and `spannorm_hf` blocked."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(scratch / "modules"), "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CHECK, str(tmp_path / "model"), json.dumps(prompt)],
-        cwd=tmp_path,
+        [sys.executable, "-c", REMOTE_CHECK, str(folder), json.dumps(prompt)],
+        cwd=scratch,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_remote_code_folder_loads_without_the_package(tmp_path, kind):
+    model = build("span", kind)
+    model.save_pretrained(tmp_path / "model")
+    prompt = ids(1, 5)[0].tolist()
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0].tolist()
+    assert generate_in_fresh_process(tmp_path / "model", prompt, tmp_path) == expected
 
 
 INVALID = [
