@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest tests -q
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	OMP_NUM_THREADS=2 $(BIN)/python scripts/train.py --config configuration/spannorm-small.json --output runs/demo \
+		--seq-len 128 --batch-size 8 --max-steps 120 --lr 3e-3 --warmup-steps 10 \
+		--eval-every 40 --diag-every 40 --save-every 120 --log-every 10
+	$(BIN)/python scripts/demo.py runs/demo
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from fake_hub import fake_hub, hub_at, no_token  # noqa: F401  (fixtures for the hub and training tests)
 
 from spannorm_hf import SpanNormConfig
 

@@ -1,0 +1,9 @@
+"""Pretrain a SpanNorm model: `python scripts/train.py ...` (one process) or
+`accelerate launch [--config_file scripts/accelerate/<name>.yaml] scripts/train.py ...`; `--help` lists options."""
+
+import sys
+
+from spannorm_hf.training import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Pretraining data through `datasets`: local text / jsonl / parquet files or a Hub dataset, tokenized and
+packed into fixed-length rows.
+
+Packing puts an EOS after every document and restarts `position_ids` at 0 where a document (or a row) starts.
+transformers reads those resets as document boundaries: FlashAttention runs varlen kernels, and sdpa / eager /
+flex get a block-diagonal causal mask, so attention never crosses documents. The first token of a document is
+not a training target (nothing before it in its document predicts it).
+
+Plain-text files are split into documents at blank lines; a jsonl / parquet row (its text column) is one
+document. With no data at all, the embedded corpus (`spannorm_hf.corpus.DEFAULT_CORPUS`) is used.
+Tokenizing and packing go through `Dataset.map` with a fingerprint of (data, tokenizer, sequence length), so a
+second run on the same data reuses the cached result.
+"""
+
+import codecs
+import glob
+import gzip
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from datasets import Dataset, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .corpus import DEFAULT_CORPUS
+from .tokenizer import train_tokenizer
+
+BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".jsonl": "json", ".json": "json"}
+BUILDERS[".parquet"] = "parquet"
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+PACK_VERSION = "pack-v1"  # bump when the packing format changes, to invalidate caches
+TOKENIZER_TRAIN_CHARS = 200_000_000  # enough text for a BPE vocabulary; more only costs time
+
+
+class DataError(ValueError):
+    """Bad training data, found before any work is done."""
+
+
+def _builder_for(path: str) -> str:
+    name = path.lower()
+    for suffix in COMPRESSIONS:
+        name = name.removesuffix(suffix)
+    builder = BUILDERS.get(Path(name).suffix)
+    if builder is None:
+        raise DataError(f"data file {path!r}: unknown type; use one of {sorted(BUILDERS)} (optionally .gz)")
+    return builder
+
+
+def _looks_local(spec: str) -> bool:
+    if any(ch in spec for ch in "*?[") or os.path.exists(spec) or spec.startswith((".", "/", "~")):
+        return True
+    name = spec.lower()
+    for suffix in COMPRESSIONS:
+        name = name.removesuffix(suffix)
+    return Path(name).suffix in BUILDERS
+
+
+def check_data_file(path: str) -> None:
+    """Raise a `DataError` naming `path` if it is missing, empty or not text of its type."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} does not exist (or is not a file)")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data file {path!r} is empty")
+    builder = _builder_for(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as err:
+        raise DataError(f"data file {path!r} cannot be read: {err}") from err
+    if builder == "parquet":
+        if not head.startswith(b"PAR1"):
+            raise DataError(f"data file {path!r} is not a parquet file (no PAR1 magic)")
+        return
+    if not head.strip():
+        raise DataError(f"data file {path!r} holds no text (only whitespace)")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file {path!r} looks binary: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if b"\x00" in head:
+        raise DataError(f"data file {path!r} looks binary: it contains NUL bytes")
+
+
+def resolve_data(specs: list[str] | None) -> tuple[str | None, list[str] | str]:
+    """Checked local files as `(builder, paths)`, or `(None, hub_name)` for a Hub dataset name."""
+    if not specs:
+        return "text", [str(DEFAULT_CORPUS)]
+    if len(specs) == 1 and not _looks_local(specs[0]):
+        return None, specs[0]
+    paths: list[str] = []
+    for spec in specs:
+        spec = os.path.expanduser(spec)
+        matches = sorted(glob.glob(spec)) if any(ch in spec for ch in "*?[") else [spec]
+        if not matches:
+            raise DataError(f"data pattern {spec!r} matches no file")
+        paths += matches
+    builders = {_builder_for(p) for p in paths}
+    if len(builders) > 1:
+        raise DataError(f"data files mix types {sorted(builders)}; pass files of one type")
+    for path in paths:
+        check_data_file(path)
+    return builders.pop(), paths
+
+
+def load_documents(
+    specs: list[str] | None, text_column: str = "text", streaming: bool = False
+) -> Dataset | IterableDataset:
+    """The documents (one `text` column) of local files, a Hub dataset (`name` or `name:config`), or the
+    embedded corpus when `specs` is empty."""
+    builder, files = resolve_data(specs)
+    if builder is None:
+        name, _, subset = files.partition(":")
+        try:
+            ds = load_dataset(name, subset or None, split="train", streaming=streaming)
+        except Exception as err:  # datasets raises many types (offline, not found, auth)
+            raise DataError(f"could not load Hub dataset {name!r} (and no such local file): {err}") from err
+    else:
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
+    columns = ds.column_names
+    if columns is None:  # a stream whose features are not declared: look at its first row
+        columns = list(next(iter(ds), {}).keys())
+    if text_column not in columns:
+        raise DataError(f"text column {text_column!r} not found; the data has columns {columns}")
+    if text_column != "text":
+        ds = ds.rename_column(text_column, "text")
+    return ds.select_columns(["text"])
+
+
+def split_documents(docs: Dataset, val_size: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out whole documents for validation: `val_size` < 1 is a fraction, >= 1 a count (0: none)."""
+    if val_size == 0:
+        return docs, None
+    n_val = round(val_size * len(docs)) if val_size < 1 else int(val_size)
+    if not 1 <= n_val < len(docs):
+        raise DataError(
+            f"--val-size {val_size} gives {n_val} of {len(docs)} documents for validation; "
+            "need at least one document on each side (or --val-size 0)"
+        )
+    split = docs.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def split_stream(docs: IterableDataset, val_size: float) -> tuple[IterableDataset, Dataset | None]:
+    """Streaming: the first `val_size` documents (a count) are the validation split, kept in memory."""
+    if val_size == 0:
+        return docs, None
+    if val_size < 1 or val_size != int(val_size):
+        raise DataError(f"--val-size {val_size}: with --streaming it must be a whole number of documents (or 0)")
+    val = Dataset.from_list(list(docs.take(int(val_size))))
+    return docs.skip(int(val_size)), val
+
+
+def iter_texts(docs: Dataset | IterableDataset, max_chars: int = TOKENIZER_TRAIN_CHARS) -> Iterator[str]:
+    """Document texts up to `max_chars` in total, for tokenizer training."""
+    total = 0
+    for row in docs:
+        yield row["text"]
+        total += len(row["text"])
+        if total >= max_chars:
+            return
+
+
+def load_or_train_tokenizer(
+    path: str | None, docs: Dataset | IterableDataset, vocab_size: int
+) -> PreTrainedTokenizerBase:
+    """An existing tokenizer (a local dir or Hub id) or a byte-level BPE trained on `docs`."""
+    if path is None:
+        tokenizer = train_tokenizer(iter_texts(docs), vocab_size=vocab_size)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {path!r} has no EOS token; packing needs one between documents")
+    if len(tokenizer) > vocab_size:
+        raise DataError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+            "raise vocab_size in the config or use a smaller tokenizer"
+        )
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A stable hash of the tokenizer's vocabulary and rules (for cache keys and resume checks)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}|eos={tokenizer.eos_token_id}".encode()).hexdigest()[:16]
+
+
+def _pack_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict:
+    texts = [t.strip() for t in batch["text"] if t and t.strip()]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    stream: list[int] = []
+    positions: list[int] = []
+    for doc in ids:
+        doc = [*doc, tokenizer.eos_token_id]
+        stream += doc
+        positions += range(len(doc))
+    rows = len(stream) // seq_len  # the tail of each map batch (< seq_len tokens) is dropped
+    input_ids, position_ids = [], []
+    for r in range(rows):
+        chunk = positions[r * seq_len : (r + 1) * seq_len]
+        head = chunk.index(0) if 0 in chunk else seq_len  # a document cut at the row start restarts at 0
+        chunk[:head] = range(head)
+        input_ids.append(stream[r * seq_len : (r + 1) * seq_len])
+        position_ids.append(chunk)
+    return {"input_ids": input_ids, "position_ids": position_ids}
+
+
+def pack_documents(
+    docs: Dataset | IterableDataset, tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> Dataset | IterableDataset:
+    """Rows of `seq_len` tokens (`input_ids`, `position_ids`), documents separated by EOS."""
+    kwargs = dict(
+        batched=True, batch_size=1000, remove_columns=["text"], fn_kwargs=dict(tokenizer=tokenizer, seq_len=seq_len)
+    )
+    if isinstance(docs, IterableDataset):
+        return docs.map(_pack_batch, **kwargs)
+    key = f"{docs._fingerprint}|{tokenizer_fingerprint(tokenizer)}|{seq_len}|{PACK_VERSION}"
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    packed = docs.map(_pack_batch, new_fingerprint=fingerprint, desc="Tokenizing and packing", **kwargs)
+    return packed.with_format("torch")
+
+
+def require_rows(packed: Dataset, what: str, seq_len: int, need: int = 1) -> None:
+    if len(packed) < need:
+        raise DataError(
+            f"the {what} split packs into {len(packed)} rows of {seq_len} tokens, fewer than the {need} needed; "
+            "use more data, a shorter --seq-len, or (validation) a larger --val-size"
+        )
+
+
+def collate(rows: dict) -> dict[str, torch.Tensor]:
+    """Model inputs from packed rows: labels are the inputs, minus each document's first token."""
+    input_ids = torch.as_tensor(rows["input_ids"], dtype=torch.long)
+    position_ids = torch.as_tensor(rows["position_ids"], dtype=torch.long)
+    labels = input_ids.masked_fill(position_ids == 0, -100)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+class ShuffledRows:
+    """Rows of a packed map-style dataset in a seeded, epoch-wise permutation, addressed by global position.
+
+    Position p of the endless stream is row `perm(p // n)[p % n]`: which rows a step reads depends only on the
+    step, the batch shape and the seed, so resuming at step k reads exactly what an uninterrupted run would.
+    """
+
+    def __init__(self, rows: Dataset, seed: int):
+        self.rows, self.seed, self._perms = rows, seed, {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms = {epoch: torch.randperm(len(self.rows), generator=generator)}
+        return self._perms[epoch]
+
+    def take(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        n = len(self.rows)
+        index = [int(self._perm(p // n)[p % n]) for p in range(start, start + count)]
+        return collate(self.rows[index])
+
+
+class StreamRows:
+    """Consecutive packed rows of this process's part of a streaming dataset, with a resumable position."""
+
+    def __init__(self, rows: IterableDataset, rank: int, world_size: int):
+        self.rows = split_dataset_by_node(rows, rank=rank, world_size=world_size)
+        self.epoch, self._it, self._yielded = 0, None, False
+
+    def take(self, count: int) -> dict[str, torch.Tensor]:
+        out: list[dict] = []
+        while len(out) < count:
+            if self._it is None:
+                self.rows.set_epoch(self.epoch)
+                self._it = iter(self.rows)
+            try:
+                out.append(next(self._it))
+                self._yielded = True
+            except StopIteration:
+                if not self._yielded:
+                    raise DataError(
+                        "the streaming dataset packs into no rows; use more data or a shorter --seq-len"
+                    ) from None
+                self.epoch, self._it, self._yielded = self.epoch + 1, None, False
+        return collate({key: [row[key] for row in out] for key in ("input_ids", "position_ids")})
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "rows": self.rows.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._it, self._yielded = state["epoch"], None, True
+        self.rows.set_epoch(self.epoch)
+        self.rows.load_state_dict(state["rows"])

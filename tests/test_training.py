@@ -1,0 +1,397 @@
+"""Pretraining loop (spannorm_hf.training): metrics, checkpoints, exact resume after SIGINT / SIGKILL, export,
+MoE aux loss, and the early errors for bad input. Tiny models, short sequences, CPU fp32."""
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from conftest import moe_config, tiny_config
+from fake_hub import closed_port_url
+from test_hub import CODE_FILES
+
+from spannorm_hf.corpus import read_default_corpus
+from spannorm_hf.tokenizer import train_tokenizer
+from spannorm_hf.training import main, parse_args, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def clean_accelerate_state():
+    """Accelerate keeps process-wide singletons: every in-process run starts from a clean slate. One thread:
+    these models are tiny, and on a busy 2-core machine two threads make each op several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    with clean_accelerate_state():
+        yield
+
+
+def make_train_files(root: Path) -> Path:
+    """A small text file, a trained 300-token tokenizer and tiny dense / MoE configs."""
+    paragraphs = read_default_corpus()[:60_000].split("\n\n")
+    (root / "data.txt").write_text("\n\n".join(paragraphs))
+    train_tokenizer(paragraphs, vocab_size=300).save_pretrained(root / "tok")
+    sizes = dict(vocab_size=300, max_position_embeddings=64)
+    tiny_config(**sizes).to_json_file(root / "dense.json")
+    moe_config(**sizes, router_aux_loss_coef=1.0).to_json_file(root / "moe.json")
+    moe_config(**sizes, router_aux_loss_coef=0.0).to_json_file(root / "moe-noaux.json")
+    tiny_config(**{**sizes, "hidden_size": 48}).to_json_file(root / "wider.json")
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    return make_train_files(tmp_path_factory.mktemp("train-files"))
+
+
+def argv(files: Path, output: Path, config: str = "dense.json", **overrides) -> list[str]:
+    """Command line of a tiny run; overrides use argument names (None drops an option)."""
+    options = dict(
+        config=str(files / config),
+        output=str(output),
+        data=str(files / "data.txt"),
+        tokenizer=str(files / "tok"),
+        seq_len=32,
+        batch_size=4,
+        max_steps=12,
+        log_every=1,
+        eval_every=6,
+        eval_batches=2,
+        diag_every=4,
+        save_every=6,
+        warmup_steps=2,
+        lr=3e-3,
+        val_size=0.05,
+    )
+    options.update(overrides)
+    out = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        out.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            out.append(str(value))
+    return out
+
+
+def records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(output: Path) -> dict[int, float]:
+    """Per-step training loss; the last record of a step wins (a resumed run rewrites later steps)."""
+    return {r["step"]: r["loss"] for r in records(output) if "loss" in r}
+
+
+def checkpoint_names(output: Path) -> list[str]:
+    root = output / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def subprocess_env() -> dict:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),  # the same kernels as this process: identical numbers
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def test_training_logs_evaluates_diagnoses_checkpoints_and_exports(files, tmp_path):
+    out = tmp_path / "run"
+    result = train(parse_args(argv(files, out, keep_last=2, save_every=3)))
+    assert result.step == 12 and not result.interrupted
+    recs = records(out)
+    setup = next(r for r in recs if r.get("event") == "setup")
+    assert setup["num_processes"] == 1 and setup["max_steps"] == 12 and setup["tokens_per_step"] == 4 * 32
+    assert setup["attn_implementation"] == "sdpa" and setup["mixed_precision"] == "no"  # the CPU defaults
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    lrs = [r["lr"] for r in steps]
+    assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)  # 2 warmup steps, then cosine
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    assert [r["tokens"] for r in steps] == [128 * s for s in range(1, 13)]
+    evals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
+    diags = [r for r in recs if "block_0/output_rms" in r]
+    assert [r["step"] for r in diags] == [4, 8, 12]
+    for r in diags:
+        for i in range(3):  # tiny_config has 3 blocks; block outputs are RMS-normalized under SpanNorm
+            assert r[f"block_{i}/output_rms"] == pytest.approx(1.0, abs=0.05)
+            assert r[f"block_{i}/grad_norm"] > 0 and -1 <= r[f"block_{i}/cosine"] <= 1
+    assert list((out / "tensorboard").rglob("events.out.tfevents*"))
+    assert checkpoint_names(out) == ["step-00000009", "step-00000012"]  # keep_last=2
+    exported = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= exported
+    assert {"configuration_spannorm.py", "modeling_spannorm.py"} <= exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_spannorm.SpanNormForCausalLM"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+    # The export loads in a fresh process through its own code (trust_remote_code), and equals the trained model.
+    probe = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        f"t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
+        "assert 'spannorm_hf' not in sys.modules\n"
+        "x = t('def main(args):', return_tensors='pt').input_ids\n"
+        "n = m.generate(x, max_new_tokens=5, do_sample=False).shape[1]\n"
+        "print('RESULT', m(x).logits.double().sum().item(), n)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    logits_sum, length = done.stdout.split("RESULT")[-1].split()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    x = AutoTokenizer.from_pretrained(out)("def main(args):", return_tensors="pt").input_ids
+    assert float(logits_sum) == pytest.approx(model(x).logits.double().sum().item(), rel=1e-6)
+    assert int(length) == x.shape[1] + 5
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def _logged_steps(output: Path) -> int:
+    """The last step with a loss record, read while the run may be writing (complete lines only)."""
+    path = output / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return max((r["step"] for r in map(json.loads, lines) if "loss" in r), default=0)
+
+
+def test_sigint_then_sigkill_then_resume_repeat_the_uninterrupted_losses(files, tmp_path):
+    """Reference: 12 uninterrupted steps. Interrupted: SIGINT early (checkpoint + clean exit), resume, SIGKILL just
+    after the step-6 checkpoint, resume again to step 12. Every step's loss must be identical."""
+    train(parse_args(argv(files, tmp_path / "ref")))
+    reference = losses(tmp_path / "ref")
+    AcceleratorState._reset_state(True)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *argv(files, out)]
+
+    first = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _wait_for(lambda: _logged_steps(out) >= 1, first, "step 1")  # the signal handler is installed by then
+    first.send_signal(signal.SIGSTOP)  # pin the step, then interrupt as Ctrl-C would
+    first.send_signal(signal.SIGINT)
+    first.send_signal(signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "stopped by a signal at step" in stdout
+    (interrupted,) = checkpoint_names(out)
+    stopped_at = int(interrupted.removeprefix("step-"))
+    assert 1 <= stopped_at < 6 and not (out / "config.json").exists()  # stopped early, nothing exported
+
+    second = subprocess.Popen(
+        [*cmd, "--resume", "latest"], env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    _wait_for(lambda: (out / "checkpoints" / "step-00000006").is_dir(), second, "the step-6 checkpoint")
+    second.send_signal(signal.SIGKILL)
+    second.communicate(timeout=60)
+    assert second.returncode == -signal.SIGKILL and not (out / "config.json").exists()
+
+    result = train(parse_args([*argv(files, out), "--resume", "latest"]))
+    assert result.step == 12 and not result.interrupted
+    assert not [n for n in checkpoint_names(out) if n.startswith(".")]  # no temporary directory left
+    resumed_from = [r["resumed_from"] for r in records(out) if r.get("event") == "setup"]
+    assert resumed_from[0] is None and resumed_from[1].endswith(interrupted)
+    assert resumed_from[2].endswith("step-00000006")
+    assert losses(out) == reference  # bit-identical, every step
+
+
+def test_gradient_accumulation_gives_the_same_steps(files, tmp_path):
+    whole = train(parse_args(argv(files, tmp_path / "a", max_steps=4, batch_size=4)))
+    AcceleratorState._reset_state(True)
+    split = train(parse_args(argv(files, tmp_path / "b", max_steps=4, batch_size=2, grad_accum=2)))
+    assert whole.step == split.step == 4
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a.keys() == b.keys() and all(a[s] == pytest.approx(b[s], abs=1e-5) for s in a)
+
+
+@pytest.mark.parametrize(
+    "option, value, tolerance",
+    [
+        ("activation_checkpointing", True, 1e-6),
+        ("attn_implementation", "eager", 1e-5),
+        ("mixed_precision", "bf16", 0.05),
+    ],
+)
+def test_runtime_options_train_the_same_model(files, tmp_path, option, value, tolerance):
+    """Recomputing activations, another attention kernel or bf16 autocast change speed, not the model."""
+    train(parse_args(argv(files, tmp_path / "base", max_steps=3, eval_every=3)))
+    AcceleratorState._reset_state(True)
+    train(parse_args(argv(files, tmp_path / "variant", max_steps=3, eval_every=3, **{option: value})))
+    if option == "mixed_precision":
+        assert next(r for r in records(tmp_path / "variant") if r.get("event") == "setup")["mixed_precision"] == "bf16"
+    base, variant = losses(tmp_path / "base"), losses(tmp_path / "variant")
+    assert (variant != base) == (option == "mixed_precision")  # only bf16 changes the numbers at all
+    assert base.keys() == variant.keys() == {1, 2, 3}
+    assert all(variant[s] == pytest.approx(base[s], abs=tolerance) for s in base)
+
+
+def test_moe_aux_loss_is_logged_and_optimized(files, tmp_path):
+    train(parse_args(argv(files, tmp_path / "aux", "moe.json", max_steps=4, max_tokens=3 * 128 - 1)))
+    AcceleratorState._reset_state(True)
+    train(parse_args(argv(files, tmp_path / "noaux", "moe-noaux.json", max_steps=4, max_tokens=3 * 128 - 1)))
+    with_aux = [r for r in records(tmp_path / "aux") if "loss" in r]
+    assert len(with_aux) == 3  # --max-tokens wins over --max-steps
+    assert all(1.5 < r["aux_loss"] < 4 for r in with_aux)  # load balancing: ~num_experts_per_tok=2 when balanced
+    without = losses(tmp_path / "noaux")
+    assert with_aux[0]["loss"] == without[1]  # same start: the logged loss is the LM part
+    assert with_aux[2]["loss"] != without[3]  # the aux term changed the updates: it is in the objective
+
+
+def test_streaming_run_resumes_exactly_from_a_checkpoint(files, tmp_path):
+    train(parse_args(argv(files, tmp_path / "ref", streaming=True, val_size=20, max_steps=8, save_every=4)))
+    AcceleratorState._reset_state(True)
+    checkpoint = tmp_path / "ref" / "checkpoints" / "step-00000004"
+    train(
+        parse_args(
+            [*argv(files, tmp_path / "resumed", streaming=True, val_size=20, max_steps=8), "--resume", str(checkpoint)]
+        )
+    )
+    ref, resumed = losses(tmp_path / "ref"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [5, 6, 7, 8] and all(resumed[s] == ref[s] for s in resumed)
+
+
+def _bad_input(files: Path, tmp_path: Path, case: str) -> tuple[list[str], str]:
+    out = tmp_path / "out"
+    if case == "missing file":
+        return argv(files, out, data=str(tmp_path / "nope.txt")), "nope.txt' does not exist"
+    if case == "empty file":
+        (tmp_path / "empty.jsonl").write_text("")
+        return argv(files, out, data=str(tmp_path / "empty.jsonl")), "empty.jsonl' is empty"
+    if case == "binary file":
+        (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 8)
+        return argv(files, out, data=str(tmp_path / "blob.txt")), "blob.txt' looks binary"
+    if case == "sequence too long":
+        return argv(files, out, seq_len=65), "--seq-len 65 exceeds the config's max_position_embeddings=64"
+    if case == "unwritable output":
+        (tmp_path / "a-file").write_text("x")
+        return argv(files, tmp_path / "a-file" / "run"), "is not writable"
+    if case == "bad option":
+        return argv(files, out, batch_size=0), "--batch-size must be >= 1, got 0"
+    if case == "no flash-attn":
+        return argv(files, out, attn_implementation="flash_attention_2"), "needs the flash-attn package and a CUDA"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "empty file",
+        "binary file",
+        "sequence too long",
+        "unwritable output",
+        "bad option",
+        "no flash-attn",
+    ],
+)
+def test_bad_input_fails_early_with_a_clear_message(files, tmp_path, capsys, case):
+    args, message = _bad_input(files, tmp_path, case)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_bad_resume_fails_before_touching_the_run(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(parse_args(argv(files, out, max_steps=2, save_every=1, eval_every=2)))
+    AcceleratorState._reset_state(True)
+    before = (checkpoint_names(out), (out / "metrics.jsonl").read_text())
+    leftover = out / "checkpoints" / ".tmp-step-00000003"  # what a run killed while saving leaves
+    leftover.mkdir()
+
+    assert main([*argv(files, out, "wider.json"), "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the model config differs (head_dim: checkpoint 8 vs --config 12, hidden_size: checkpoint 32 vs --config 48)"
+        in err
+    )
+    assert main(argv(files, out)) == 2  # a fresh run must not mix with an earlier one
+    assert "already holds checkpoints (latest step-00000002); pass --resume latest" in capsys.readouterr().err
+    train_tokenizer(["another tokenizer entirely " * 20], vocab_size=280).save_pretrained(tmp_path / "tok2")
+    assert main([*argv(files, out, tokenizer=tmp_path / "tok2"), "--resume", "latest"]) == 2
+    assert "is not the run's tokenizer" in capsys.readouterr().err
+    assert main([*argv(files, out), "--resume", str(tmp_path)]) == 2
+    assert "is not a checkpoint directory" in capsys.readouterr().err
+    assert main([*argv(files, out), "--resume", str(out / "checkpoints" / "step-00000001")]) == 2
+    assert "holds newer checkpoints ['step-00000002']" in capsys.readouterr().err
+    assert leftover.is_dir() and (out / "metrics.jsonl").read_text() == before[1]
+    assert [n for n in checkpoint_names(out) if n != leftover.name] == before[0]
+
+    # a valid resume at the end trains nothing, keeps the checkpoints, and clears the leftover temporary dir
+    AcceleratorState._reset_state(True)
+    with pytest.warns(UserWarning, match=r"changed arguments \(checkpoint, now\): \{'lr': \(0.003, 0.001\)\}"):
+        assert main([*argv(files, out, max_steps=2, lr=1e-3), "--resume", "latest"]) == 0
+    assert checkpoint_names(out) == before[0]
+
+
+def test_push_to_hub_uploads_each_checkpoint_and_the_final_model(files, tmp_path, hub_at, fake_hub):
+    """One commit per checkpoint (its own branch), the final model on main; model files only, no optimizer."""
+    hub_at(fake_hub.url)
+    out = tmp_path / "run"
+    result = train(parse_args(argv(files, out, save_every=4, push_to_hub="alice/tiny-run")))
+    assert result.step == 12
+    assert [(c["revision"], c["message"]) for c in fake_hub.commits] == [
+        ("step-00000004", "Checkpoint at step 4"),
+        ("step-00000008", "Checkpoint at step 8"),
+        ("main", "Final model, step 12"),
+    ]
+    for commit in fake_hub.commits:
+        files_sent = set(commit["files"])
+        assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", *CODE_FILES} <= files_sent
+        assert not any("optimizer" in name or "random_states" in name for name in files_sent)
+    assert not (out / "hub-uploads").exists()  # snapshots are removed once uploaded
+
+
+def test_push_to_hub_without_network_warns_and_training_goes_on(files, tmp_path, hub_at, caplog):
+    hub_at(closed_port_url())
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="spannorm_hf.hub"):
+        result = train(parse_args(argv(files, out, save_every=6, push_to_hub="alice/tiny-run")))
+    assert result.step == 12 and (out / "model.safetensors").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "training goes on" in warnings[0]
+
+
+def test_push_to_hub_with_a_bad_repo_id_fails_before_training(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(argv(files, out, push_to_hub="no-namespace")) == 2
+    assert "namespace/name" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
