@@ -1,0 +1,903 @@
+"""The norm-scheme comparison behind the README's "Does SpanNorm work?": many tiny byte-level LM runs in one process.
+
+Every arm (a `norm_scheme`, or a SpanNorm scaling candidate) trains with everything else identical: for a given
+seed the same init seed, the same training batches in the same order, the same AdamW + warmup/cosine schedule,
+the same number of tokens, and the same fixed validation windows. The loop is deliberately lean (no Accelerate,
+no tokenizer training): a grid is hundreds of runs of a few seconds each on CPU, where per-run setup would
+dominate. Tokens are raw UTF-8 bytes (vocab 256, like the reference prototype), so any text file works as data
+and nothing is trained before the first step.
+
+Results are one JSON line per finished run, appended and fsync'ed, so an interrupted grid resumes where it
+stopped; `write_report` turns the JSONL into `table.md` and the PNG plots.
+"""
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_spannorm import SpanNormConfig
+from .corpus import DEFAULT_CORPUS
+from .diagnostics import BlockStats, block_grad_norms, decoder_blocks
+from .modeling_spannorm import SpanNormForCausalLM
+
+VOCAB = 256  # byte-level tokens
+SPIKE_NATS = 1.0  # a training loss this far above its running minimum (after warmup) counts as a loss spike
+UNRECOVERED_NATS = 0.5  # a run whose training loss ends this far above its best has diverged
+STUCK_NATS = 0.05  # a run ending within this of the unigram (byte-frequency) loss did not train
+
+
+def is_diverged(record: dict) -> bool:
+    """Non-finite loss, or a run that ended well above its own best training loss (a blow-up it never recovered
+    from). Transient spikes that recover are counted separately (`spike`)."""
+    curve = [v for v in record["train_curve"] if v is not None]
+    if record["nonfinite"] or not curve:
+        return True
+    width = max(1, len(curve) // 10)  # compare window means, so batch noise does not look like a blow-up
+    windows = [statistics.fmean(curve[i : i + width]) for i in range(len(curve) - width + 1)]
+    return windows[-1] > min(windows) + UNRECOVERED_NATS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arms: what varies between runs. Everything not named here is the same for every arm.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _b2t_block(layer: nn.Module, x: torch.Tensor, attn: Callable) -> torch.Tensor:
+    """SPEC section 6 "B2T-like" reading: y = N_a(a x + Attn(u)); x' = N_f(a x + y + FFN(y))."""
+    a = layer.skip_scale
+    y = layer.post_attention_layernorm(a * x + attn(layer.input_layernorm(x)))
+    return layer.post_feedforward_layernorm(a * x + y + layer.mlp(y))
+
+
+def _clean_block(layer: nn.Module, x: torch.Tensor, attn: Callable) -> torch.Tensor:
+    """SPEC section 6 "clean across blocks": h = N_in(x); y = N_a(h + Attn(h)); x' = x + c N_o(y + FFN(y)),
+    c = 1/sqrt(L) (stored on the layer as `clean_scale`). The skip x -> x' never passes a norm."""
+    h = layer.input_layernorm(x)
+    y = layer.post_attention_layernorm(h + attn(h))
+    return x + layer.clean_scale * layer.post_feedforward_layernorm(y + layer.mlp(y))
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One contender. `residual_scale`/`branch_init_gain` are SpanNormConfig values; `learnable_skip` makes the
+    skip scale a trained per-layer scalar; `block` swaps in an experiment-only block (SPEC section 6 readings),
+    built on `norm_scheme`'s layers so it owns the norms that block uses."""
+
+    name: str
+    norm_scheme: str
+    residual_scale: float | str = "auto"
+    branch_init_gain: float | str | None = "auto"
+    learnable_skip: bool = False
+    block: Callable | None = None
+    label: str = ""
+
+
+ARMS: dict[str, Arm] = {
+    arm.name: arm
+    for arm in (
+        Arm("pre", "pre", label="PreNorm"),
+        Arm("post", "post", label="PostNorm"),
+        Arm("deepnorm", "deepnorm", label="DeepNorm"),
+        Arm("peri", "peri", label="Peri-LN"),
+        Arm("hybrid", "hybrid", label="HybridNorm"),
+        Arm("span", "span", label="SpanNorm, DeepNet a,b (shipped default)"),
+        Arm("span-plain", "span", 1.0, None, label="SpanNorm, a=1, plain init"),
+        Arm("span-init", "span", 1.0, "auto", label="SpanNorm, a=1, b=(8L)^-1/4"),
+        Arm("span-learn", "span", "auto", "auto", learnable_skip=True, label="SpanNorm, DeepNet a,b, a learnable"),
+        Arm("span-b2t", "span", block=_b2t_block, label="SPEC 6: B2T-like, DeepNet a,b"),
+        Arm("span-clean", "peri", block=_clean_block, label="SPEC 6: clean across blocks, c=1/sqrt(L)"),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grids
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run; its `key` identifies it in the JSONL."""
+
+    arm: str
+    layers: int
+    experts: int
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}|L{self.layers}|E{self.experts}|lr{self.lr:g}|s{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A block of the grid: every arm x layers x lr x seed, dense (`experts=0`) or MoE. `seeds` overrides the
+    grid's seeds (for a cheap extra learning rate measured on fewer seeds)."""
+
+    arms: tuple[str, ...]
+    layers: tuple[int, ...]
+    lrs: tuple[float, ...]
+    experts: int = 0
+    seeds: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Model/training shape shared by every run, plus the sections to run, in priority order."""
+
+    name: str
+    sections: tuple[Section, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    width: int = 32
+    heads: int = 2
+    ffn: int = 88
+    experts_per_tok: int = 2
+    seq_len: int = 64
+    batch_size: int = 16
+    steps: int = 200
+    warmup_frac: float = 0.1
+    eval_batches: int = 8
+    sweep_layers: int = 12  # depth of the LR sweep that picks each arm's best LR
+
+    def runs(self) -> list[RunSpec]:
+        seen, out = set(), []
+        # Seed-major: a grid cut short by the clock still covers every section with the same seeds.
+        for seed in self.seeds:
+            for sec in self.sections:
+                if seed not in (sec.seeds or self.seeds):
+                    continue
+                for layers in sec.layers:
+                    for lr in sec.lrs:
+                        for arm in sec.arms:
+                            spec = RunSpec(arm, layers, sec.experts, lr, seed)
+                            if spec.key not in seen:
+                                seen.add(spec.key)
+                                out.append(spec)
+        return out
+
+    def shape(self) -> dict:
+        """The fields every record of this grid must share (checked when resuming)."""
+        skip = {"name", "sections", "seeds"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+MAIN_ARMS = ("pre", "post", "deepnorm", "peri", "hybrid", "span")
+LRS = (4e-3, 8e-3, 1.6e-2)
+DEPTH_LR = 8e-3
+
+# 172 runs, sized to the CPU we had (2 cores shared 3-5 ways: a dense L=12 run took 30-180 s; about 160 L=12-run
+# equivalents, roughly 80 core-minutes idle, so ~40-60 min with --shard 0/2 and 1/2). Seed-major order; the L=12
+# LR sweep of every scheme (widened where an arm's best sat at an edge), SpanNorm's scaling candidates, L=6 dense
+# and MoE, L=24 (one seed), then a learnable skip scale and SPEC section 6's other readings.
+GRIDS: dict[str, Grid] = {
+    "full": Grid(
+        "full",
+        sections=(
+            Section(MAIN_ARMS, (12,), LRS),
+            Section(MAIN_ARMS, (12,), (2e-3,), seeds=(0,)),
+            Section(("peri",), (12,), (3.2e-2, 6.4e-2)),  # still improving at 1.6e-2: widen the sweep up
+            Section(("span",), (12,), (3.2e-2,), seeds=(0,)),
+            Section(("peri",), (12,), (1.28e-1,), seeds=(0,)),
+            Section(("post", "deepnorm"), (12,), (1e-3, 2e-3)),  # they fail from lr 4e-3 on: widen it down
+            Section(("span-plain", "span-init"), (12,), LRS),
+            Section(MAIN_ARMS + ("span-init",), (6,), (DEPTH_LR,)),
+            Section(MAIN_ARMS + ("span-init",), (6,), (DEPTH_LR,), experts=4),
+            Section(MAIN_ARMS + ("span-init",), (24,), (DEPTH_LR,), seeds=(0,)),
+            Section(("span-learn", "span-b2t", "span-clean"), (12,), LRS),  # a learnable a; SPEC section 6
+        ),
+    ),
+    "quick": Grid(
+        "quick",
+        sections=(
+            Section(MAIN_ARMS + ("span-plain",), (4,), (2e-3, 1.6e-2)),
+            Section(("pre", "span"), (2, 8), (2e-3, 1.6e-2)),
+            Section(("pre", "span"), (4,), (2e-3, 1.6e-2), experts=4),
+        ),
+        seeds=(0, 1),
+        width=32,
+        steps=100,
+        seq_len=32,
+        batch_size=8,
+        eval_batches=2,
+        sweep_layers=4,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_bytes(path: str | os.PathLike | None = None) -> tuple[torch.Tensor, str]:
+    """The text as a 1-D tensor of byte ids, and a fingerprint of it. `None` reads the embedded corpus;
+    `.gz` files are decompressed."""
+    path = Path(path) if path is not None else DEFAULT_CORPUS
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {str(path)!r} is not a file")
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    if not raw:
+        raise ValueError(f"--data {str(path)!r} is empty")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long(), hashlib.sha256(raw).hexdigest()[:16]
+
+
+def split_data(data: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last 5% for validation; both parts must hold enough windows for the grid."""
+    cut = int(len(data) * 0.95)
+    train, val = data[:cut], data[cut:]
+    need = grid.eval_batches * grid.batch_size * (grid.seq_len + 1)
+    if len(val) < need or len(train) < 4 * need:
+        raise ValueError(
+            f"data has {len(data)} bytes; the {grid.name!r} grid needs at least {need * 100 // 5} "
+            f"(validation is the last 5% and must hold {grid.eval_batches} batches of {grid.batch_size} x "
+            f"{grid.seq_len + 1} bytes)"
+        )
+    return train, val
+
+
+def val_batches(val: torch.Tensor, grid: Grid) -> list[torch.Tensor]:
+    """Fixed, evenly spaced validation windows of `seq_len + 1` bytes: the same for every run."""
+    n = grid.eval_batches * grid.batch_size
+    stride = (len(val) - grid.seq_len - 1) // n
+    windows = torch.stack([val[i * stride : i * stride + grid.seq_len + 1] for i in range(n)])
+    return list(windows.split(grid.batch_size))
+
+
+def train_batches(train: torch.Tensor, grid: Grid, seed: int) -> Iterable[torch.Tensor]:
+    """Random windows drawn from a generator seeded by `seed` alone: identical for every arm."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    offsets = torch.arange(grid.seq_len + 1)
+    for _ in range(grid.steps):
+        starts = torch.randint(0, len(train) - grid.seq_len - 1, (grid.batch_size,), generator=gen)
+        yield train[starts[:, None] + offsets]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_model(spec: RunSpec, grid: Grid) -> SpanNormForCausalLM:
+    """The arm's model, initialised from `spec.seed`."""
+    arm = ARMS[spec.arm]
+    config = SpanNormConfig(
+        vocab_size=VOCAB,
+        hidden_size=grid.width,
+        intermediate_size=grid.ffn,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=grid.heads,
+        max_position_embeddings=grid.seq_len,
+        norm_scheme=arm.norm_scheme,
+        residual_scale=arm.residual_scale,
+        branch_init_gain=arm.branch_init_gain,
+        num_experts=spec.experts,
+        num_experts_per_tok=grid.experts_per_tok,
+        moe_intermediate_size=grid.ffn // grid.experts_per_tok,  # active FFN width = the dense FFN's
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(spec.seed)
+    model = SpanNormForCausalLM(config)
+    for layer in decoder_blocks(model):  # experiment-only variants, never part of the model file
+        if arm.block is not None:
+            layer.scheme = layer.scheme._replace(block=arm.block)
+            layer.clean_scale = spec.layers**-0.5
+        if arm.learnable_skip:
+            layer.skip_scale = nn.Parameter(torch.tensor(float(layer.skip_scale)))
+    return model
+
+
+def _loss(model: SpanNormForCausalLM, window: torch.Tensor) -> torch.Tensor:
+    moe = model.config.num_experts > 0
+    out = model(input_ids=window[:, :-1], output_router_logits=moe, use_cache=False)
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), window[:, 1:].flatten())
+    if moe:
+        loss = loss + model.config.router_aux_loss_coef * out.aux_loss
+    return loss
+
+
+def _diagnostics(model: SpanNormForCausalLM, window: torch.Tensor) -> dict:
+    """Per-block output RMS, input/output cosine and gradient norm on one fixed validation batch."""
+    with BlockStats(model) as stats:
+        _loss(model, window).backward()
+    grads = block_grad_norms(model)
+    model.zero_grad(set_to_none=True)
+    return {"rms": stats.output_rms, "cos": stats.cosine, "grad": grads}
+
+
+@torch.no_grad()
+def _val_loss(model: SpanNormForCausalLM, batches: list[torch.Tensor]) -> float:
+    return sum(
+        F.cross_entropy(
+            model(input_ids=b[:, :-1], use_cache=False).logits.flatten(0, 1).float(), b[:, 1:].flatten()
+        ).item()
+        for b in batches
+    ) / len(batches)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Tensor]) -> dict:
+    """Train one run and return its JSONL record."""
+    t0 = time.time()
+    model = build_model(spec, grid)
+    init_diag = _diagnostics(model, val[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, int(grid.warmup_frac * grid.steps))
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / grid.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    losses, grad_norms = [], []
+    nonfinite, max_jump, running_min = False, 0.0, math.inf
+    model.train()
+    for step, window in enumerate(train_batches(train, grid, spec.seed)):
+        loss = _loss(model, window)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())
+        value = loss.item()
+        losses.append(value)
+        if not (math.isfinite(value) and math.isfinite(grad_norms[-1])):
+            nonfinite = True
+            break
+        if step >= warmup:
+            max_jump = max(max_jump, value - running_min)
+        running_min = min(running_min, value)
+        opt.step()
+        sched.step()
+    model.eval()
+    val_loss = math.nan if nonfinite else _val_loss(model, val)
+    end_diag = _diagnostics(model, val[0]) if math.isfinite(val_loss) else None
+    finite_gn = [g for g in grad_norms if math.isfinite(g)]
+    every = max(1, grid.steps // 50)
+    record = {
+        **dataclasses.asdict(spec),
+        "key": spec.key,
+        "grid": grid.name,
+        "shape": grid.shape(),
+        "val_loss": _finite_or_none(val_loss),
+        "nonfinite": nonfinite,
+        "spike": max_jump > SPIKE_NATS,
+        "max_jump": max_jump,
+        "train_curve": [_finite_or_none(statistics.fmean(losses[i : i + every])) for i in range(0, len(losses), every)],
+        "curve_every": every,
+        "grad_norm": {
+            "mean": statistics.fmean(finite_gn) if finite_gn else None,
+            "max": max(finite_gn) if finite_gn else None,
+            "final": finite_gn[-1] if finite_gn else None,
+            "clipped_frac": sum(g > 1.0 for g in finite_gn) / max(1, len(finite_gn)),
+        },
+        "skip_scale_final": [float(torch.as_tensor(layer.skip_scale).detach()) for layer in decoder_blocks(model)],
+        "init": init_diag,
+        "end": end_diag,
+        "seconds": round(time.time() - t0, 2),
+    }
+    record["diverged"] = is_diverged(record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grid, resumable
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> list[dict]:
+    """All complete records of a results JSONL, one per run key (the last wins; a torn line from a crash is
+    ignored)."""
+    if not path.exists():
+        return []
+    records = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rec["diverged"] = is_diverged(rec)  # recomputed, so records written by older versions agree
+        records[rec["key"]] = rec
+    return list(records.values())
+
+
+def _append(path: Path, record: dict) -> None:
+    """One O_APPEND write per record, fsync'ed: shards writing the same file never interleave lines."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_grid(
+    grid: Grid,
+    out_dir: Path,
+    data: str | os.PathLike | None = None,
+    shard: tuple[int, int] = (0, 1),
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run every not-yet-recorded run of `grid` into `out_dir/runs.jsonl`, then write the report.
+
+    `shard=(i, n)` takes every n-th pending run starting at i, so n processes can share a grid (and the cores)."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count} is invalid: need 0 <= index < count")
+    tokens, fingerprint = load_bytes(data)
+    train, val = split_data(tokens, grid)
+    val = val_batches(val, grid)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "runs.jsonl"
+    done = {}
+    for rec in read_records(path):
+        if rec["shape"] != grid.shape() or rec.get("data") != fingerprint:
+            raise ValueError(
+                f"{path} holds runs of another grid or data (run {rec['key']!r}: grid {rec['grid']!r}, data "
+                f"{rec.get('data')!r}); pass a fresh --out to start a new comparison"
+            )
+        done[rec["key"]] = rec
+    todo = [spec for spec in grid.runs() if spec.key not in done][index::count]
+    log(
+        f"[compare] grid {grid.name!r}: {len(grid.runs())} runs, {len(done)} already in {path}, "
+        f"{len(todo)} to go in shard {index}/{count}"
+    )
+    t0 = time.time()
+    for i, spec in enumerate(todo, 1):
+        record = train_one(spec, grid, train, val)
+        record["data"] = fingerprint
+        _append(path, record)
+        eta = (time.time() - t0) / i * (len(todo) - i)
+        val_loss = record["val_loss"]
+        shown = f"{val_loss:.3f}" if val_loss is not None else "nan"
+        log(
+            f"[compare] {i}/{len(todo)} {spec.key}: val {shown}{' DIVERGED' if record['diverged'] else ''} "
+            f"({record['seconds']:.0f}s, eta {eta / 60:.0f} min)"
+        )
+    write_report(out_dir, grid, data)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Aggregation and the markdown table
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _group(records: Iterable[dict]) -> dict[tuple, list[dict]]:
+    groups = defaultdict(list)
+    for rec in records:
+        groups[(rec["arm"], rec["layers"], rec["experts"], rec["lr"])].append(rec)
+    return groups
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def score(runs: list[dict]) -> float:
+    """Mean validation loss over seeds; a run that went non-finite makes the setting unusable (inf)."""
+    if any(r["val_loss"] is None for r in runs):
+        return math.inf
+    return statistics.fmean(r["val_loss"] for r in runs)
+
+
+def cell(runs: list[dict]) -> str:
+    """`mean ± std` over seeds of the finite runs, with the count of diverged seeds and of seeds with a spike."""
+    vals = [r["val_loss"] for r in runs if r["val_loss"] is not None]
+    mean, std = _mean_std(vals)
+    text = (f"{mean:.3f} ± {std:.3f}" if len(vals) > 1 else f"{mean:.3f} (n=1)") if vals else "—"
+    flags = []
+    for flag, count in (
+        ("div", sum(r["diverged"] for r in runs)),
+        ("stuck", sum(r.get("stuck", False) and not r["diverged"] for r in runs)),
+        ("spk", sum(r["spike"] and not r["diverged"] for r in runs)),
+    ):
+        if count:
+            flags.append(f"{count}/{len(runs)} {flag}")
+    return text + (f" ({', '.join(flags)})" if flags else "")
+
+
+def best_lrs(records: list[dict], layers: int, experts: int = 0) -> dict[str, float]:
+    """Each arm's best learning rate at this depth: the lowest mean validation loss over seeds."""
+    by_arm = defaultdict(dict)
+    for (arm, lay, exp, lr), runs in _group(records).items():
+        if lay == layers and exp == experts:
+            by_arm[arm][lr] = score(runs)
+    return {arm: min(scores, key=scores.get) for arm, scores in by_arm.items()}
+
+
+def _arms_in(records: list[dict]) -> list[str]:
+    present = {r["arm"] for r in records}
+    return [a for a in ARMS if a in present]
+
+
+def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) -> str:
+    """All result tables as markdown (mean ± std over seeds of the final validation loss, in nats per byte)."""
+    groups = _group(records)
+    arms = _arms_in(records)
+    seeds = sorted({r["seed"] for r in records})
+    lines = [
+        f"# Norm-scheme comparison ({grid.name} grid)",
+        "",
+        f"Byte-level LM on one text; d={grid.width}, {grid.heads} heads, FFN {grid.ffn}, {grid.steps} steps x "
+        f"{grid.batch_size} x {grid.seq_len} bytes, AdamW (0.9, 0.95, wd 0.1), {grid.warmup_frac:.0%} warmup + "
+        f"cosine, clip 1.0. Validation loss in nats/byte, mean ± std over seeds {seeds}; `k/n div` = seeds "
+        f"with a non-finite loss or a training loss that ended > {UNRECOVERED_NATS} nat above its best; `stuck` = "
+        f"ended within {STUCK_NATS} nat of the unigram (byte-frequency) loss {baseline:.3f}, i.e. did not train; "
+        f"`spk` = a transient spike > {SPIKE_NATS} nat above the running minimum after warmup.",
+        "",
+    ]
+    configs = sorted({(r["layers"], r["experts"]) for r in records})
+    for layers, experts in configs:
+        lrs = sorted({r["lr"] for r in records if r["layers"] == layers and r["experts"] == experts})
+        kind = f"MoE ({experts} experts, top-{grid.experts_per_tok})" if experts else "dense"
+        here = [a for a in arms if any((a, layers, experts, lr) in groups for lr in lrs)]
+        best = best_lrs(records, layers, experts)
+        lines += [
+            f"## L={layers}, {kind}",
+            "",
+            "| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | at best lr |",
+            "|---|" + "---|" * (len(lrs) + 2),
+        ]
+        for arm in here:
+            row = [
+                cell(groups[(arm, layers, experts, lr)]) if (arm, layers, experts, lr) in groups else "" for lr in lrs
+            ]
+            b = best[arm]
+            lines.append(f"| {arm} | " + " | ".join(row) + f" | {b:g} | {cell(groups[(arm, layers, experts, b)])} |")
+        lines.append("")
+    lines += _headline(records, grid), ""
+    lines += _grad_table(records, grid), ""
+    lines += ["## Arms", ""] + [f"- `{a}`: {ARMS[a].label} (norm_scheme `{ARMS[a].norm_scheme}`)" for a in arms]
+    return "\n".join(lines) + "\n"
+
+
+def _headline(records: list[dict], grid: Grid) -> str:
+    """The fair protocol: every arm at its own best learning rate, compared with PreNorm at PreNorm's best, as
+    paired differences over the shared seeds (same data order and init seed: most seed noise cancels)."""
+    rows = [
+        "## Each arm at its own best learning rate vs PreNorm at its own best",
+        "",
+        "delta = arm − PreNorm, per seed, then mean ± std over seeds (negative: the arm reaches a lower loss).",
+        "",
+        "| config | arm | best lr | val loss | delta vs pre | seeds where arm < pre |",
+        "|---|---|---|---|---|---|",
+    ]
+    groups = _group(records)
+    for layers, experts in sorted({(r["layers"], r["experts"]) for r in records}):
+        best = best_lrs(records, layers, experts)
+        if "pre" not in best:
+            continue
+        pre = {r["seed"]: r["val_loss"] for r in groups[("pre", layers, experts, best["pre"])]}
+        ranked = sorted(best, key=lambda a: score(groups[(a, layers, experts, best[a])]))
+        for arm in ranked:
+            runs = groups[(arm, layers, experts, best[arm])]
+            pairs = [
+                (r["val_loss"], pre[r["seed"]])
+                for r in runs
+                if r["seed"] in pre and None not in (r["val_loss"], pre[r["seed"]])
+            ]
+            mean, std = _mean_std([a - p for a, p in pairs])
+            delta = f"{mean:+.3f} ± {std:.3f}" if arm != "pre" and pairs else "—"
+            wins = f"{sum(a < p for a, p in pairs)}/{len(pairs)}" if arm != "pre" else "—"
+            kind = f"L={layers} {'MoE' if experts else 'dense'}"
+            rows.append(f"| {kind} | {arm} | {best[arm]:g} | {cell(runs)} | {delta} | {wins} |")
+    return "\n".join(rows)
+
+
+def _grad_table(records: list[dict], grid: Grid) -> str:
+    """Gradient-norm statistics and the per-block signal-propagation summary of every dense setting."""
+    rows = [
+        "## Gradients and signal propagation (dense)",
+        "",
+        "Total gradient norm before clipping (mean / max over steps, fraction of steps clipped at 1.0); per-block "
+        "diagnostics on a fixed validation batch (see the per_layer PNGs): output RMS of the last block over the "
+        "first block's, mean input/output cosine of the last quarter of blocks, and the gradient norm of the first "
+        "block over the last block's, at init and at the end. Means over the seeds that stayed finite.",
+        "",
+        "| arm | L | lr | n | grad norm mean | grad norm max | clipped | RMS last/first (end) | "
+        "cos last quarter (init / end) | grad first/last (init / end) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups = _group(records)
+    for (arm, layers, experts, lr), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][3])):
+        fin = [r for r in runs if r["end"] is not None]
+        if experts or not fin:
+            continue
+        quarter = max(1, layers // 4)
+
+        def both(stat: Callable[[dict], float], runs: list[dict] = fin) -> str:
+            return f"{_ms([stat(r['init']) for r in runs])} / {_ms([stat(r['end']) for r in runs])}"
+
+        rows.append(
+            f"| {arm} | {layers} | {lr:g} | {len(fin)}/{len(runs)} | {_ms([r['grad_norm']['mean'] for r in fin])} | "
+            f"{_ms([r['grad_norm']['max'] for r in fin])} | "
+            f"{statistics.fmean(r['grad_norm']['clipped_frac'] for r in fin):.2f} | "
+            f"{_ms([r['end']['rms'][-1] / r['end']['rms'][0] for r in fin])} | "
+            f"{both(lambda d, q=quarter: statistics.fmean(d['cos'][-q:]))} | "
+            f"{both(lambda d: d['grad'][0] / max(d['grad'][-1], 1e-30))} |"
+        )
+    return "\n".join(rows)
+
+
+def _ms(values: list[float]) -> str:
+    mean, std = _mean_std([v for v in values if v is not None])
+    return f"{mean:.3g} ± {std:.2g}" if len(values) > 1 else f"{mean:.3g}"
+
+
+def lr_sensitivity(records: list[dict], layers: int, experts: int = 0) -> dict[str, dict[float, float]]:
+    """Mean validation loss per learning rate, per arm (inf where a seed went non-finite)."""
+    out = defaultdict(dict)
+    for (arm, lay, exp, lr), runs in sorted(_group(records).items()):
+        if lay == layers and exp == experts:
+            out[arm][lr] = score(runs)
+    return dict(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _save(fig, path: Path) -> None:
+    """Atomic PNG write: a crash never leaves a half-written plot."""
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _style(arm: str) -> dict:
+    colors = {
+        "pre": "tab:blue",
+        "post": "tab:red",
+        "deepnorm": "tab:orange",
+        "peri": "tab:green",
+        "hybrid": "tab:purple",
+        "span": "black",
+        "span-plain": "tab:gray",
+        "span-init": "tab:olive",
+        "span-learn": "tab:pink",
+        "span-b2t": "goldenrod",
+        "span-clean": "teal",
+    }
+    dashed = arm.startswith("span-")
+    return {"color": colors.get(arm, "black"), "ls": "--" if dashed else "-", "lw": 2.2 if arm == "span" else 1.3}
+
+
+def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = math.nan) -> list[Path]:
+    """loss_curves.png, lr_sensitivity.png, loss_vs_depth.png, per_layer_init.png, per_layer_end.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _group(records)
+    arms = _arms_in(records)
+    made = []
+
+    # Training-loss curves at the sweep depth: every arm at its own best lr, then one panel per learning rate
+    # that most arms ran at.
+    sweep = [r for r in records if r["layers"] == grid.sweep_layers and r["experts"] == 0]
+    arms_at = defaultdict(set)
+    for r in sweep:
+        arms_at[r["lr"]].add(r["arm"])
+    common = max((len(a) for a in arms_at.values()), default=0)
+    lrs = sorted(lr for lr, a in arms_at.items() if 2 * len(a) >= common)
+    best = best_lrs(records, grid.sweep_layers)
+    panels = [("best", None)] + [(f"lr {lr:g}", lr) for lr in lrs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), sharey=True, squeeze=False)
+    for ax, (title, lr) in zip(axes[0], panels, strict=True):
+        for arm in arms:
+            runs = groups.get((arm, grid.sweep_layers, 0, best.get(arm) if lr is None else lr))
+            if not runs:
+                continue
+            curves = [r["train_curve"] for r in runs]
+            n = min(len(c) for c in curves)
+            mean = [_nanmean([c[i] for c in curves]) for i in range(n)]
+            steps = [i * runs[0]["curve_every"] for i in range(n)]
+            ax.plot(steps, mean, label=arm, **_style(arm))
+        ax.axhline(baseline, color="gray", lw=0.8, ls=":")
+        ax.set_title(f"L={grid.sweep_layers} dense, {'each at its best lr' if lr is None else title}", fontsize=9)
+        ax.set_xlabel("step")
+    low = min(y for ax in axes[0] for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y))
+    axes[0][0].set_ylim(low - 0.05, 4.0)
+    axes[0][0].set_ylabel("train loss (nats/byte, mean over seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    made.append(out_dir / "loss_curves.png")
+    _save(fig, made[-1])
+    plt.close(fig)
+
+    # LR sensitivity: final val loss vs lr, dense sweep depth and MoE.
+    configs = sorted({(r["layers"], r["experts"]) for r in records if r["layers"] == grid.sweep_layers})
+    fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4), squeeze=False)
+    for ax, (layers, experts) in zip(axes[0], configs, strict=True):
+        for arm in arms:
+            pts = sorted(
+                (lr, runs) for (a, lay, exp, lr), runs in groups.items() if (a, lay, exp) == (arm, layers, experts)
+            )
+            if not pts:
+                continue
+            xs = [lr for lr, _ in pts]
+            ms = [_finite_stats(runs) for _, runs in pts]
+            ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], label=arm, capsize=2, **_style(arm))
+        ax.axhline(baseline, color="gray", lw=0.8, ls=":", label="unigram loss")
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_title(f"L={layers} {'MoE' if experts else 'dense'}: val loss vs lr")
+        ax.set_ylim(*_ylim(ax))
+    axes[0][0].set_ylabel("val loss (mean ± std over seeds)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    made.append(out_dir / "lr_sensitivity.png")
+    _save(fig, made[-1])
+    plt.close(fig)
+
+    # Final loss vs depth, one panel per learning rate that every depth ran at.
+    depth_lrs = sorted(
+        lr
+        for lr in {r["lr"] for r in records if r["experts"] == 0}
+        if len({r["layers"] for r in records if r["experts"] == 0 and r["lr"] == lr}) > 1
+    )
+    if depth_lrs:
+        fig, axes = plt.subplots(1, len(depth_lrs), figsize=(6 * len(depth_lrs), 4), squeeze=False)
+        for ax, lr in zip(axes[0], depth_lrs, strict=True):
+            for arm in arms:
+                pts = sorted((lay, runs) for (a, lay, exp, l_), runs in groups.items() if (a, exp, l_) == (arm, 0, lr))
+                if len(pts) < 2:
+                    continue
+                ms = [_finite_stats(runs) for _, runs in pts]
+                ax.errorbar(
+                    [p for p, _ in pts],
+                    [m for m, _ in ms],
+                    yerr=[s for _, s in ms],
+                    label=arm,
+                    capsize=2,
+                    **_style(arm),
+                )
+            ax.axhline(baseline, color="gray", lw=0.8, ls=":", label="unigram loss")
+            ax.set_xscale("log", base=2)
+            depths = sorted({r["layers"] for r in records if r["experts"] == 0 and r["lr"] == lr})
+            ax.set_xticks(depths, labels=[str(d) for d in depths])
+            ax.set_xlabel("layers")
+            ax.set_title(f"dense, lr {lr:g}: val loss vs depth")
+            ax.set_ylim(*_ylim(ax))
+        axes[0][0].set_ylabel("val loss (mean ± std over seeds)")
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        made.append(out_dir / "loss_vs_depth.png")
+        _save(fig, made[-1])
+        plt.close(fig)
+
+    # Per-layer statistics at the sweep depth and the deepest dense depth, at init and at the end of training,
+    # at the learning rate run at most seeds there (DEPTH_LR on ties).
+    dense_depths = sorted({r["layers"] for r in records if r["experts"] == 0})
+    depths = sorted({grid.sweep_layers, dense_depths[-1]} & set(dense_depths))
+    for when in ("init", "end"):
+        fig, axes = plt.subplots(len(depths), 3, figsize=(15, 3.8 * len(depths)), squeeze=False)
+        for row, layers in zip(axes, depths, strict=True):
+            lr_diag = _diagnostic_lr(records, layers)
+            for arm in arms:
+                runs = [r for r in groups.get((arm, layers, 0, lr_diag), []) if r[when] is not None]
+                if not runs:
+                    continue
+                for ax, stat in zip(row, ("rms", "grad", "cos"), strict=True):
+                    series = [r[when][stat] for r in runs]
+                    mean = [_nanmean(col) for col in zip(*series, strict=True)]
+                    ax.plot(range(layers), mean, label=f"{arm} (n={len(runs)})", **_style(arm))
+            titles = ("block output RMS", "block gradient norm", "cos(block input, output)")
+            for ax, title in zip(row, titles, strict=True):
+                ax.set_title(f"{title}\n({when}, L={layers} dense, lr {lr_diag:g})", fontsize=9)
+                ax.set_xlabel("layer index")
+            row[0].set_yscale("log")
+            row[1].set_yscale("log")
+            row[2].legend(fontsize=7)
+        fig.tight_layout()
+        made.append(out_dir / f"per_layer_{when}.png")
+        _save(fig, made[-1])
+        plt.close(fig)
+    return made
+
+
+def _diagnostic_lr(records: list[dict], layers: int) -> float:
+    counts = defaultdict(int)
+    for r in records:
+        if r["layers"] == layers and r["experts"] == 0:
+            counts[r["lr"]] += 1
+    return max(counts, key=lambda lr: (counts[lr], lr == DEPTH_LR, -lr))
+
+
+def _nanmean(values: Iterable[float | None]) -> float:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(vals) if vals else math.nan
+
+
+def _finite_stats(runs: list[dict]) -> tuple[float, float]:
+    return _mean_std([r["val_loss"] for r in runs if r["val_loss"] is not None])
+
+
+def _ylim(ax) -> tuple[float, float]:
+    """Zoom on the competitive range: a diverged arm is drawn off the top instead of flattening the rest."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
+    if not ys:
+        return 0.0, 1.0
+    low = min(ys)
+    return low - 0.05, min(max(ys), low + 1.0) + 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def unigram_loss(train: torch.Tensor, val: list[torch.Tensor]) -> float:
+    """Validation loss of the best context-free model (add-one byte frequencies of the training split): a run
+    that ends near it learned nothing beyond byte frequencies."""
+    counts = torch.bincount(train, minlength=VOCAB).double() + 1
+    logp = counts.log() - counts.sum().log()
+    targets = torch.cat([b[:, 1:].flatten() for b in val])
+    return -logp[targets].mean().item()
+
+
+def write_report(out_dir: Path, grid: Grid, data: str | os.PathLike | None = None) -> list[Path]:
+    """table.md and the PNGs from `out_dir/runs.jsonl` (`data`: the text the runs trained on, for the unigram
+    baseline); returns the files written."""
+    records = [r for r in read_records(out_dir / "runs.jsonl") if r["shape"] == grid.shape()]
+    if not records:
+        raise ValueError(f"{out_dir / 'runs.jsonl'} holds no finished runs of the {grid.name!r} grid")
+    tokens, fingerprint = load_bytes(data)
+    if any(r.get("data") != fingerprint for r in records):
+        raise ValueError(f"{out_dir} holds runs on other data than {data or 'the embedded corpus'}: pass their --data")
+    train, val = split_data(tokens, grid)
+    baseline = unigram_loss(train, val_batches(val, grid))
+    for rec in records:
+        rec["stuck"] = rec["val_loss"] is not None and rec["val_loss"] > baseline - STUCK_NATS
+    table = out_dir / "table.md"
+    _write_text(table, markdown_table(records, grid, baseline))
+    return [table, *plot_all(records, grid, out_dir, baseline)]
+
+
+__all__ = [
+    "ARMS",
+    "GRIDS",
+    "Arm",
+    "Grid",
+    "RunSpec",
+    "Section",
+    "best_lrs",
+    "build_model",
+    "load_bytes",
+    "lr_sensitivity",
+    "markdown_table",
+    "plot_all",
+    "read_records",
+    "run_grid",
+    "train_one",
+    "write_report",
+]

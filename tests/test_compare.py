@@ -1,0 +1,136 @@
+"""Smoke test of the norm comparison on a grid shaped like --quick but tinier: runs, resumes, reports."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from spannorm_hf import compare
+from spannorm_hf.corpus import read_default_corpus
+from spannorm_hf.diagnostics import decoder_blocks
+
+GRID = compare.Grid(
+    "test",
+    sections=(
+        compare.Section(("pre", "post", "span"), (2,), (3e-3, 1e-2)),
+        compare.Section(("pre", "span"), (3,), (1e-2,)),
+        compare.Section(("span",), (2,), (1e-2,), experts=4),
+    ),
+    seeds=(0, 1),
+    width=16,
+    heads=2,
+    ffn=32,
+    steps=12,
+    seq_len=16,
+    batch_size=4,
+    eval_batches=2,
+    sweep_layers=2,
+)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(read_default_corpus()[:40_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, text_file):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("results")
+    compare.run_grid(GRID, out, data=text_file, log=lambda msg: None)
+    return out
+
+
+def test_every_run_is_recorded_with_sane_content(results):
+    records = compare.read_records(results / "runs.jsonl")
+    assert sorted(r["key"] for r in records) == sorted(s.key for s in GRID.runs())
+    for rec in records:
+        assert rec["val_loss"] is not None and 1.0 < rec["val_loss"] < math.log(256) + 1.0, rec["key"]
+        assert len(rec["train_curve"]) >= 6
+        assert isinstance(rec["diverged"], bool)
+        assert rec["grad_norm"]["max"] >= rec["grad_norm"]["mean"] > 0
+        for when in ("init", "end"):
+            diag = rec[when]
+            assert len(diag["rms"]) == len(diag["cos"]) == len(diag["grad"]) == rec["layers"]
+            assert all(math.isfinite(v) and v > 0 for v in diag["rms"] + diag["grad"])
+            assert all(-1.0 <= v <= 1.0 for v in diag["cos"])
+    # Post-style blocks normalize their output, so every block output has RMS ~ its norm gain (1 at init).
+    span = next(r for r in records if r["arm"] == "span")
+    assert all(abs(v - 1.0) < 1e-3 for v in span["init"]["rms"])
+    # Training did something: the pre and span runs beat a uniform byte predictor.
+    assert all(r["val_loss"] < math.log(256) for r in records if r["arm"] in ("pre", "span"))
+
+
+def test_table_and_plots(results):
+    table = (results / "table.md").read_text()
+    assert "unigram (byte-frequency) loss" in table
+    for header in ("## L=2, dense", "## L=3, dense", "## L=2, MoE (4 experts, top-2)"):
+        assert header in table
+    row = next(line for line in table.splitlines() if line.startswith("| span |"))
+    assert row.count("±") >= 3  # lr 0.003, lr 0.01, at best lr
+    for name in ("loss_curves", "lr_sensitivity", "loss_vs_depth", "per_layer_init", "per_layer_end"):
+        png = (results / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
+
+
+def test_best_lr_is_the_lowest_mean_loss(results):
+    records = compare.read_records(results / "runs.jsonl")
+    best = compare.best_lrs(records, layers=2)
+    sens = compare.lr_sensitivity(records, layers=2)
+    assert set(best) == {"pre", "post", "span"}
+    for arm, lr in best.items():
+        assert sens[arm][lr] == min(sens[arm].values())
+
+
+def test_resume_skips_finished_runs_and_refuses_another_grid(results, text_file):
+    before = (results / "runs.jsonl").read_text()
+    logs = []
+    compare.run_grid(GRID, results, data=text_file, log=logs.append)
+    assert "0 to go" in logs[0]
+    assert (results / "runs.jsonl").read_text() == before
+    with pytest.raises(ValueError, match="another grid or data"):
+        compare.run_grid(compare.GRIDS["quick"], results, data=text_file, log=logs.append)
+
+
+def test_a_run_is_reproducible_and_data_order_is_shared_across_arms(text_file):
+    tokens, _ = compare.load_bytes(text_file)
+    train, val = compare.split_data(tokens, GRID)
+    val = compare.val_batches(val, GRID)
+    spec = compare.RunSpec("span", 2, 0, 1e-2, 0)
+    first, second = (compare.train_one(spec, GRID, train, val) for _ in range(2))
+    assert first["val_loss"] == second["val_loss"] and first["train_curve"] == second["train_curve"]
+    batches = [list(compare.train_batches(train, GRID, seed)) for seed in (0, 0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[1], strict=True))
+    assert not torch.equal(batches[0][0], batches[2][0])
+
+
+@pytest.mark.parametrize("arm", sorted(compare.ARMS))
+def test_every_arm_builds_and_runs(arm):
+    model = compare.build_model(compare.RunSpec(arm, 2, 0, 1e-3, 0), GRID)
+    loss = compare._loss(model, torch.randint(0, 256, (2, 9)))
+    assert torch.isfinite(loss)
+    loss.backward()
+    learnable = [b.skip_scale for b in decoder_blocks(model) if isinstance(b.skip_scale, torch.nn.Parameter)]
+    assert bool(learnable) == compare.ARMS[arm].learnable_skip
+    assert all(p.grad is not None for p in learnable)
+
+
+def test_unigram_baseline():
+    constant = torch.zeros(5000, dtype=torch.long)
+    assert compare.unigram_loss(constant, [constant[:34].view(2, 17)]) < 0.1
+    noise = torch.randint(0, 256, (200_000,), generator=torch.Generator().manual_seed(0))
+    assert abs(compare.unigram_loss(noise, [noise[:3400].view(200, 17)]) - math.log(256)) < 0.05
+
+
+def test_bad_data_fails_early(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        compare.load_bytes(tmp_path / "nope.txt")
+    small = tmp_path / "small.txt"
+    small.write_text("tiny")
+    tokens, _ = compare.load_bytes(small)
+    with pytest.raises(ValueError, match="needs at least"):
+        compare.split_data(tokens, GRID)
+    json.dumps(compare.GRIDS["full"].shape())  # records embed the grid shape: it must be JSON
