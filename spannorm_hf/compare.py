@@ -177,12 +177,11 @@ class Grid:
 
 MAIN_ARMS = ("pre", "post", "deepnorm", "peri", "hybrid", "span")
 LRS = (4e-3, 8e-3, 1.6e-2)
-DEPTH_LR = 8e-3
+DEEP_LRS = (2e-3, 4e-3, 8e-3)  # deeper models want lower learning rates
 
-# 172 runs, sized to the CPU we had (2 cores shared 3-5 ways: a dense L=12 run took 30-180 s; about 160 L=12-run
-# equivalents, roughly 80 core-minutes idle, so ~40-60 min with --shard 0/2 and 1/2). Seed-major order; the L=12
-# LR sweep of every scheme (widened where an arm's best sat at an edge), SpanNorm's scaling candidates, L=6 dense
-# and MoE, L=24 (one seed), then a learnable skip scale and SPEC section 6's other readings.
+# The full grid, in seed-major order: the L=12 LR sweep of every scheme (widened where an arm's best sat at an edge),
+# SpanNorm's scaling candidates, L=6 dense and MoE and L=24 dense each over three learning rates, then a learnable
+# skip scale and SPEC section 6's other readings. Every cell has three seeds except the sweep-widening extras.
 GRIDS: dict[str, Grid] = {
     "full": Grid(
         "full",
@@ -194,9 +193,9 @@ GRIDS: dict[str, Grid] = {
             Section(("peri",), (12,), (1.28e-1,), seeds=(0,)),
             Section(("post", "deepnorm"), (12,), (1e-3, 2e-3)),  # they fail from lr 4e-3 on: widen it down
             Section(("span-plain", "span-init"), (12,), LRS),
-            Section(MAIN_ARMS + ("span-init",), (6,), (DEPTH_LR,)),
-            Section(MAIN_ARMS + ("span-init",), (6,), (DEPTH_LR,), experts=4),
-            Section(MAIN_ARMS + ("span-init",), (24,), (DEPTH_LR,), seeds=(0,)),
+            Section(MAIN_ARMS + ("span-init",), (6,), LRS),
+            Section(MAIN_ARMS + ("span-init",), (6,), LRS, experts=4),
+            Section(MAIN_ARMS + ("span-init",), (24,), DEEP_LRS),
             Section(("span-learn", "span-b2t", "span-clean"), (12,), LRS),  # a learnable a; SPEC section 6
         ),
     ),
@@ -214,6 +213,16 @@ GRIDS: dict[str, Grid] = {
         batch_size=8,
         eval_batches=2,
         sweep_layers=4,
+    ),
+    # Is what the full grid shows a property of width 32? The same L=12 runs at the prototype's width 128
+    # (about 4x the cost per run), two seeds.
+    "wide": Grid(
+        "wide",
+        sections=(Section(("pre", "post", "peri", "span", "span-init"), (12,), (4e-3, 8e-3)),),
+        seeds=(0, 1),
+        width=128,
+        heads=4,
+        ffn=344,
     ),
 }
 
@@ -565,6 +574,7 @@ def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) 
             lines.append(f"| {arm} | " + " | ".join(row) + f" | {b:g} | {cell(groups[(arm, layers, experts, b)])} |")
         lines.append("")
     lines += _headline(records, grid), ""
+    lines += _verdict_table(records), ""
     lines += _grad_table(records, grid), ""
     lines += ["## Arms", ""] + [f"- `{a}`: {ARMS[a].label} (norm_scheme `{ARMS[a].norm_scheme}`)" for a in arms]
     return "\n".join(lines) + "\n"
@@ -601,6 +611,47 @@ def _headline(records: list[dict], grid: Grid) -> str:
             kind = f"L={layers} {'MoE' if experts else 'dense'}"
             rows.append(f"| {kind} | {arm} | {best[arm]:g} | {cell(runs)} | {delta} | {wins} |")
     return "\n".join(rows)
+
+
+SHIPPED, CHALLENGER = "span", "span-init"  # SpanNorm's shipped scaling, and the candidate that may replace it
+
+
+def scaling_verdict(records: list[dict]) -> tuple[str, list[tuple]]:
+    """The rule that picks SpanNorm's default scaling, fixed before the full grid ran: in every depth/MoE setting
+    where both ran, compare each at its own best learning rate; the challenger replaces the shipped default only
+    if its loss is lower in a majority of settings *and* on average over them. Returns the winner and the rows
+    (layers, experts, shipped lr, shipped loss, challenger lr, challenger loss)."""
+    groups = _group(records)
+    rows = []
+    for layers, experts in sorted({(r["layers"], r["experts"]) for r in records}):
+        best = best_lrs(records, layers, experts)
+        if SHIPPED in best and CHALLENGER in best:
+            a, b = (score(groups[(arm, layers, experts, best[arm])]) for arm in (SHIPPED, CHALLENGER))
+            rows.append((layers, experts, best[SHIPPED], a, best[CHALLENGER], b))
+    wins = sum(b < a for *_, a, _, b in rows)
+    mean_gap = statistics.fmean(b - a for *_, a, _, b in rows) if rows else math.inf
+    return (CHALLENGER if rows and 2 * wins > len(rows) and mean_gap < 0 else SHIPPED), rows
+
+
+def _verdict_table(records: list[dict]) -> str:
+    winner, rows = scaling_verdict(records)
+    groups = _group(records)
+    lines = [
+        f"## SpanNorm's default scaling: `{SHIPPED}` ({ARMS[SHIPPED].label}) vs `{CHALLENGER}` "
+        f"({ARMS[CHALLENGER].label})",
+        "",
+        "Each at its own best learning rate; the challenger replaces the shipped default only if it is lower in a "
+        "majority of settings and on average.",
+        "",
+        f"| config | {SHIPPED} best lr | {SHIPPED} | {CHALLENGER} best lr | {CHALLENGER} |",
+        "|---|---|---|---|---|",
+    ]
+    for layers, experts, lr_a, _, lr_b, _ in rows:
+        shipped, challenger = groups[(SHIPPED, layers, experts, lr_a)], groups[(CHALLENGER, layers, experts, lr_b)]
+        kind = "MoE" if experts else "dense"
+        lines.append(f"| L={layers} {kind} | {lr_a:g} | {cell(shipped)} | {lr_b:g} | {cell(challenger)} |")
+    lines += ["", f"Verdict: `{winner}`."]
+    return "\n".join(lines)
 
 
 def _grad_table(records: list[dict], grid: Grid) -> str:
@@ -728,8 +779,11 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
     _save(fig, made[-1])
     plt.close(fig)
 
-    # LR sensitivity: final val loss vs lr, dense sweep depth and MoE.
-    configs = sorted({(r["layers"], r["experts"]) for r in records if r["layers"] == grid.sweep_layers})
+    # LR sensitivity: final val loss vs lr, every depth and MoE setting that ran more than one learning rate.
+    lrs_of = defaultdict(set)
+    for r in records:
+        lrs_of[(r["layers"], r["experts"])].add(r["lr"])
+    configs = sorted(c for c, lrs_here in lrs_of.items() if len(lrs_here) > 1)
     fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4), squeeze=False)
     for ax, (layers, experts) in zip(axes[0], configs, strict=True):
         for arm in arms:
@@ -788,24 +842,25 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
         plt.close(fig)
 
     # Per-layer statistics at the sweep depth and the deepest dense depth, at init and at the end of training,
-    # at the learning rate run at most seeds there (DEPTH_LR on ties).
+    # each arm at its own best learning rate there (the fair protocol; the table has every other lr).
     dense_depths = sorted({r["layers"] for r in records if r["experts"] == 0})
     depths = sorted({grid.sweep_layers, dense_depths[-1]} & set(dense_depths))
     for when in ("init", "end"):
         fig, axes = plt.subplots(len(depths), 3, figsize=(15, 3.8 * len(depths)), squeeze=False)
         for row, layers in zip(axes, depths, strict=True):
-            lr_diag = _diagnostic_lr(records, layers)
+            best = best_lrs(records, layers)
             for arm in arms:
-                runs = [r for r in groups.get((arm, layers, 0, lr_diag), []) if r[when] is not None]
+                runs = [r for r in groups.get((arm, layers, 0, best.get(arm)), []) if r[when] is not None]
                 if not runs:
                     continue
                 for ax, stat in zip(row, ("rms", "grad", "cos"), strict=True):
                     series = [r[when][stat] for r in runs]
                     mean = [_nanmean(col) for col in zip(*series, strict=True)]
-                    ax.plot(range(layers), mean, label=f"{arm} (n={len(runs)})", **_style(arm))
+                    label = f"{arm} lr {best[arm]:g} (n={len(runs)})"
+                    ax.plot(range(layers), mean, label=label, **_style(arm))
             titles = ("block output RMS", "block gradient norm", "cos(block input, output)")
             for ax, title in zip(row, titles, strict=True):
-                ax.set_title(f"{title}\n({when}, L={layers} dense, lr {lr_diag:g})", fontsize=9)
+                ax.set_title(f"{title}\n({when}, L={layers} dense, each arm at its best lr)", fontsize=9)
                 ax.set_xlabel("layer index")
             row[0].set_yscale("log")
             row[1].set_yscale("log")
@@ -815,14 +870,6 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
         _save(fig, made[-1])
         plt.close(fig)
     return made
-
-
-def _diagnostic_lr(records: list[dict], layers: int) -> float:
-    counts = defaultdict(int)
-    for r in records:
-        if r["layers"] == layers and r["experts"] == 0:
-            counts[r["lr"]] += 1
-    return max(counts, key=lambda lr: (counts[lr], lr == DEPTH_LR, -lr))
 
 
 def _nanmean(values: Iterable[float | None]) -> float:
@@ -898,6 +945,7 @@ __all__ = [
     "plot_all",
     "read_records",
     "run_grid",
+    "scaling_verdict",
     "train_one",
     "write_report",
 ]

@@ -134,3 +134,37 @@ def test_bad_data_fails_early(tmp_path):
     with pytest.raises(ValueError, match="needs at least"):
         compare.split_data(tokens, GRID)
     json.dumps(compare.GRIDS["full"].shape())  # records embed the grid shape: it must be JSON
+
+
+def _records(losses: dict[tuple[str, int, float], list[float]]) -> list[dict]:
+    return [
+        {"arm": arm, "layers": layers, "experts": 0, "lr": lr, "seed": seed, "val_loss": loss}
+        for (arm, layers, lr), values in losses.items()
+        for seed, loss in enumerate(values)
+    ]
+
+
+def test_scaling_verdict_needs_a_majority_and_a_lower_mean():
+    shipped, challenger = compare.SHIPPED, compare.CHALLENGER
+    # The challenger is better at its best lr (1e-2) at L=6 and L=12 but much worse at L=24: lower in a majority
+    # of settings, higher on average -> the shipped default stays.
+    losses = {
+        (shipped, 6, 1e-2): [2.5, 2.5],
+        (challenger, 6, 1e-2): [2.4, 2.4],
+        (challenger, 6, 1e-3): [2.9, 2.9],
+        (shipped, 12, 1e-2): [2.5, 2.5],
+        (challenger, 12, 1e-2): [2.4, 2.4],
+        (shipped, 24, 1e-2): [2.5, 2.5],
+        (challenger, 24, 1e-2): [3.4, 3.4],
+    }
+    winner, rows = compare.scaling_verdict(_records(losses))
+    assert winner == shipped
+    challenger_best = [(layers, lr_b, b) for layers, _, _, _, lr_b, b in rows]
+    assert challenger_best == [(6, 1e-2, 2.4), (12, 1e-2, 2.4), (24, 1e-2, 3.4)]
+    losses[(challenger, 24, 1e-2)] = [2.55, 2.55]
+    assert compare.scaling_verdict(_records(losses))[0] == challenger
+    # Better in one setting of two, even by a lot: not a majority.
+    del losses[(shipped, 24, 1e-2)], losses[(challenger, 24, 1e-2)]
+    losses[(challenger, 6, 1e-2)] = [1.5, 1.5]
+    losses[(challenger, 12, 1e-2)] = [2.6, 2.6]
+    assert compare.scaling_verdict(_records(losses))[0] == shipped
