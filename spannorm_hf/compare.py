@@ -179,9 +179,10 @@ MAIN_ARMS = ("pre", "post", "deepnorm", "peri", "hybrid", "span")
 LRS = (4e-3, 8e-3, 1.6e-2)
 DEEP_LRS = (2e-3, 4e-3, 8e-3)  # deeper models want lower learning rates
 
-# The full grid, in seed-major order: the L=12 LR sweep of every scheme (widened where an arm's best sat at an edge),
-# SpanNorm's scaling candidates, L=6 dense and MoE and L=24 dense each over three learning rates, then a learnable
-# skip scale and SPEC section 6's other readings. Every cell has three seeds except the sweep-widening extras.
+# The full grid, in seed-major order: the L=12 LR sweep of every scheme, SpanNorm's scaling candidates, L=6 dense and
+# MoE and L=24 dense each over three learning rates, a learnable skip scale and SPEC section 6's other readings, then
+# a fourth learning rate wherever an arm's best sat at the edge of its range. Every cell has three seeds except three
+# single-seed probes at L=12.
 GRIDS: dict[str, Grid] = {
     "full": Grid(
         "full",
@@ -197,6 +198,13 @@ GRIDS: dict[str, Grid] = {
             Section(MAIN_ARMS + ("span-init",), (6,), LRS, experts=4),
             Section(MAIN_ARMS + ("span-init",), (24,), DEEP_LRS),
             Section(("span-learn", "span-b2t", "span-clean"), (12,), LRS),  # a learnable a; SPEC section 6
+            # Widen the sweeps where an arm's best learning rate sat at an edge of its range.
+            Section(("post", "deepnorm", "hybrid", "span", "span-init"), (24,), (1e-3,)),
+            Section(("peri",), (24,), (1.6e-2,)),
+            Section(("deepnorm", "span-init"), (6,), (2e-3,)),
+            Section(("peri",), (6,), (3.2e-2,)),
+            Section(("pre", "post", "deepnorm"), (6,), (2e-3,), experts=4),
+            Section(("peri", "span", "span-init"), (6,), (3.2e-2,), experts=4),
         ),
     ),
     "quick": Grid(
@@ -214,12 +222,11 @@ GRIDS: dict[str, Grid] = {
         eval_batches=2,
         sweep_layers=4,
     ),
-    # Is what the full grid shows a property of width 32? The same L=12 runs at the prototype's width 128
-    # (about 4x the cost per run), two seeds.
+    # Is what the full grid shows a property of width 32? The same L=12 runs at the prototype's width 128 (about 4x
+    # the cost per run; 45 runs, 22 min on 2 cores).
     "wide": Grid(
         "wide",
-        sections=(Section(("pre", "post", "peri", "span", "span-init"), (12,), (4e-3, 8e-3)),),
-        seeds=(0, 1),
+        sections=(Section(("pre", "post", "peri", "span", "span-init"), (12,), (2e-3, 4e-3, 8e-3)),),
         width=128,
         heads=4,
         ffn=344,
@@ -573,11 +580,32 @@ def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) 
             b = best[arm]
             lines.append(f"| {arm} | " + " | ".join(row) + f" | {b:g} | {cell(groups[(arm, layers, experts, b)])} |")
         lines.append("")
+    lines += _summary(records), ""
     lines += _headline(records, grid), ""
     lines += _verdict_table(records), ""
     lines += _grad_table(records, grid), ""
     lines += ["## Arms", ""] + [f"- `{a}`: {ARMS[a].label} (norm_scheme `{ARMS[a].norm_scheme}`)" for a in arms]
     return "\n".join(lines) + "\n"
+
+
+def _summary(records: list[dict]) -> str:
+    """One row per arm, one column per depth/MoE setting: each arm at its own best learning rate there."""
+    configs = sorted({(r["layers"], r["experts"]) for r in records})
+    groups = _group(records)
+    best = {c: best_lrs(records, *c) for c in configs}
+    names = [f"L={layers} {'MoE' if experts else 'dense'}" for layers, experts in configs]
+    lines = [
+        "## Summary: each arm at its own best learning rate",
+        "",
+        "Validation loss, mean ± std over seeds, at the learning rate (in brackets) with the lowest mean.",
+        "",
+        "| arm | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(configs),
+    ]
+    for arm in _arms_in(records):
+        row = [f"{cell(groups[(arm, *c, best[c][arm])])} [{best[c][arm]:g}]" if arm in best[c] else "" for c in configs]
+        lines.append(f"| {arm} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def _headline(records: list[dict], grid: Grid) -> str:
@@ -806,17 +834,25 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
     _save(fig, made[-1])
     plt.close(fig)
 
-    # Final loss vs depth, one panel per learning rate that every depth ran at.
+    # Final loss vs depth: each arm at its own best learning rate per depth, then one panel per learning rate that
+    # more than one depth ran at.
+    dense_depths = sorted({r["layers"] for r in records if r["experts"] == 0})
+    best_at = {layers: best_lrs(records, layers) for layers in dense_depths}
     depth_lrs = sorted(
         lr
         for lr in {r["lr"] for r in records if r["experts"] == 0}
         if len({r["layers"] for r in records if r["experts"] == 0 and r["lr"] == lr}) > 1
     )
-    if depth_lrs:
-        fig, axes = plt.subplots(1, len(depth_lrs), figsize=(6 * len(depth_lrs), 4), squeeze=False)
-        for ax, lr in zip(axes[0], depth_lrs, strict=True):
+    if len(dense_depths) > 1:
+        panels = [None, *depth_lrs]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, lr in zip(axes[0], panels, strict=True):
             for arm in arms:
-                pts = sorted((lay, runs) for (a, lay, exp, l_), runs in groups.items() if (a, exp, l_) == (arm, 0, lr))
+                pts = [
+                    (layers, groups[key])
+                    for layers in dense_depths
+                    if (key := (arm, layers, 0, best_at[layers].get(arm) if lr is None else lr)) in groups
+                ]
                 if len(pts) < 2:
                     continue
                 ms = [_finite_stats(runs) for _, runs in pts]
@@ -830,10 +866,9 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
                 )
             ax.axhline(baseline, color="gray", lw=0.8, ls=":", label="unigram loss")
             ax.set_xscale("log", base=2)
-            depths = sorted({r["layers"] for r in records if r["experts"] == 0 and r["lr"] == lr})
-            ax.set_xticks(depths, labels=[str(d) for d in depths])
+            ax.set_xticks(dense_depths, labels=[str(d) for d in dense_depths])
             ax.set_xlabel("layers")
-            ax.set_title(f"dense, lr {lr:g}: val loss vs depth")
+            ax.set_title(f"dense, {'each arm at its best lr' if lr is None else f'lr {lr:g}'}: val loss vs depth")
             ax.set_ylim(*_ylim(ax))
         axes[0][0].set_ylabel("val loss (mean ± std over seeds)")
         axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -843,7 +878,6 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
 
     # Per-layer statistics at the sweep depth and the deepest dense depth, at init and at the end of training,
     # each arm at its own best learning rate there (the fair protocol; the table has every other lr).
-    dense_depths = sorted({r["layers"] for r in records if r["experts"] == 0})
     depths = sorted({grid.sweep_layers, dense_depths[-1]} & set(dense_depths))
     for when in ("init", "end"):
         fig, axes = plt.subplots(len(depths), 3, figsize=(15, 3.8 * len(depths)), squeeze=False)
