@@ -223,7 +223,7 @@ GRIDS: dict[str, Grid] = {
         sweep_layers=4,
     ),
     # Is what the full grid shows a property of width 32? The same L=12 runs at the prototype's width 128 (about 4x
-    # the cost per run; 45 runs, 22 min on 2 cores).
+    # the cost per run; 45 runs, 34 min on 2 idle cores).
     "wide": Grid(
         "wide",
         sections=(Section(("pre", "post", "peri", "span", "span-init"), (12,), (2e-3, 4e-3, 8e-3)),),
@@ -825,6 +825,9 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
             ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], label=arm, capsize=2, **_style(arm))
         ax.axhline(baseline, color="gray", lw=0.8, ls=":", label="unigram loss")
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ticks = sorted(lrs_of[(layers, experts)])
+        ax.set_xticks(ticks, labels=[f"{lr:g}" for lr in ticks], rotation=45 if len(ticks) > 5 else 0, fontsize=8)
         ax.set_xlabel("peak learning rate")
         ax.set_title(f"L={layers} {'MoE' if experts else 'dense'}: val loss vs lr")
         ax.set_ylim(*_ylim(ax))

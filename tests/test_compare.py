@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,8 @@ import torch
 from spannorm_hf import compare
 from spannorm_hf.corpus import read_default_corpus
 from spannorm_hf.diagnostics import decoder_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GRID = compare.Grid(
     "test",
@@ -168,3 +174,26 @@ def test_scaling_verdict_needs_a_majority_and_a_lower_mean():
     losses[(challenger, 6, 1e-2)] = [1.5, 1.5]
     losses[(challenger, 12, 1e-2)] = [2.6, 2.6]
     assert compare.scaling_verdict(_records(losses))[0] == shipped
+
+
+def test_quick_mode_end_to_end_as_documented(tmp_path):
+    """The README's two-core recipe on the --quick grid: two shards appending to one JSONL, then --report-only."""
+    script = [sys.executable, str(ROOT / "scripts" / "compare_norms.py"), "--quick", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shards = [
+        subprocess.Popen([*script, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(2)
+    ]
+    for proc in shards:
+        out = proc.communicate(timeout=900)[0].decode()
+        assert proc.returncode == 0, out
+        assert f"results in {tmp_path.resolve()}" in out
+    report = subprocess.run([*script, "--report-only"], env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    records = compare.read_records(tmp_path / "runs.jsonl")
+    assert sorted(r["key"] for r in records) == sorted(s.key for s in compare.GRIDS["quick"].runs())
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(records)  # no torn or doubled lines
+    table = (tmp_path / "table.md").read_text()
+    assert "# Norm-scheme comparison (quick grid)" in table and "Verdict:" in table
+    for name in ("loss_curves", "lr_sensitivity", "loss_vs_depth", "per_layer_init", "per_layer_end"):
+        assert str(tmp_path / f"{name}.png") in report.stdout
