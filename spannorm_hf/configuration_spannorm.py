@@ -44,7 +44,9 @@ class SpanNormConfig(PreTrainedConfig):
         branch_init_gain (`float`, `"auto"` or `None`, defaults to `"auto"`):
             Xavier-normal init gain `b` of the branch output weights (v_proj, o_proj, MLP and expert weights;
             q/k get gain 1) in `span` and `deepnorm` blocks. `"auto"` is DeepNet's `(8 L) ** (-1 / 4)`; `None`
-            keeps the plain `N(0, initializer_range)` init. Other schemes accept only `"auto"`.
+            keeps the plain `N(0, initializer_range)` init. Other schemes accept only `"auto"`. The pair of
+            defaults was kept over `residual_scale=1.0` by a pre-registered rule on the norm-scheme comparison
+            (README, "Does SpanNorm work?"): neither wins in a majority of settings.
         num_experts (`int`, defaults to 0):
             Routed experts per sparse layer; 0 builds a dense model.
         num_experts_per_tok (`int`, defaults to 2):
