@@ -181,8 +181,8 @@ DEEP_LRS = (2e-3, 4e-3, 8e-3)  # deeper models want lower learning rates
 
 # The full grid, in seed-major order: the L=12 LR sweep of every scheme, SpanNorm's scaling candidates, L=6 dense and
 # MoE and L=24 dense each over three learning rates, a learnable skip scale and SPEC section 6's other readings, then
-# a fourth learning rate wherever an arm's best sat at the edge of its range. Every cell has three seeds except three
-# single-seed probes at L=12.
+# a fourth learning rate wherever an arm's best sat at the edge of its range. Every cell has three seeds except six
+# single-seed probes at the far ends of the L=12 sweep.
 GRIDS: dict[str, Grid] = {
     "full": Grid(
         "full",
