@@ -820,9 +820,7 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
             )
             if not pts:
                 continue
-            xs = [lr for lr, _ in pts]
-            ms = [_finite_stats(runs) for _, runs in pts]
-            ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], label=arm, capsize=2, **_style(arm))
+            _mean_std_series(ax, pts, arm)
         ax.axhline(baseline, color="gray", lw=0.8, ls=":", label="unigram loss")
         ax.set_xscale("log")
         ax.minorticks_off()
@@ -858,15 +856,7 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
                 ]
                 if len(pts) < 2:
                     continue
-                ms = [_finite_stats(runs) for _, runs in pts]
-                ax.errorbar(
-                    [p for p, _ in pts],
-                    [m for m, _ in ms],
-                    yerr=[s for _, s in ms],
-                    label=arm,
-                    capsize=2,
-                    **_style(arm),
-                )
+                _mean_std_series(ax, pts, arm)
             ax.axhline(baseline, color="gray", lw=0.8, ls=":", label="unigram loss")
             ax.set_xscale("log", base=2)
             ax.set_xticks(dense_depths, labels=[str(d) for d in dense_depths])
@@ -912,6 +902,13 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
 def _nanmean(values: Iterable[float | None]) -> float:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.fmean(vals) if vals else math.nan
+
+
+def _mean_std_series(ax, pts: list[tuple[float, list[dict]]], arm: str) -> None:
+    """One arm's line of (x, runs) points: mean validation loss over the finite seeds, std as error bars."""
+    stats = [_finite_stats(runs) for _, runs in pts]
+    xs, means, stds = [x for x, _ in pts], [m for m, _ in stats], [sd for _, sd in stats]
+    ax.errorbar(xs, means, yerr=stds, label=arm, capsize=2, **_style(arm))
 
 
 def _finite_stats(runs: list[dict]) -> tuple[float, float]:
