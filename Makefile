@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py runs/demo
 
 bench: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Perplexity and lm-evaluation-harness scores; see spannorm_hf.evaluation."""
+"""Perplexity and lm-evaluation-harness scores; see spannorm_hf.integrations.evaluation."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 # lm-eval imports; drop it.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from spannorm_hf.evaluation import main  # noqa: E402
+from spannorm_hf.integrations.evaluation import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""LoRA fine-tuning of a SpanNorm checkpoint; see spannorm_hf.finetune."""
+"""LoRA fine-tuning of a SpanNorm checkpoint; see spannorm_hf.integrations.finetune."""
 
 import sys
 
-from spannorm_hf.finetune import main
+from spannorm_hf.integrations.finetune import main
 
 if __name__ == "__main__":
     sys.exit(main())

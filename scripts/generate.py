@@ -1,8 +1,8 @@
-"""Text generation from a SpanNorm checkpoint or adapter; see spannorm_hf.generation."""
+"""Text generation from a SpanNorm checkpoint or adapter; see spannorm_hf.integrations.generation."""
 
 import sys
 
-from spannorm_hf.generation import main
+from spannorm_hf.integrations.generation import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""Build a Hub folder with a model card and upload it; see spannorm_hf.hub."""
+"""Build a Hub folder with a model card and upload it; see spannorm_hf.integrations.hub."""
 
 import sys
 
-from spannorm_hf.hub import publish_main
+from spannorm_hf.integrations.hub import publish_main
 
 if __name__ == "__main__":
     sys.exit(publish_main())

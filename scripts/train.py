@@ -3,7 +3,7 @@
 
 import sys
 
-from spannorm_hf.training import main
+from spannorm_hf.training.trainer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from fake_hub import fake_hub, hub_at, no_token  # noqa: F401  (fixtures for the hub and training tests)
 
 from spannorm_hf import SpanNormConfig
+
+from fake_hub import fake_hub, hub_at, no_token  # noqa: F401  (fixtures for the hub and training tests)
 
 TINY = dict(
     vocab_size=97,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from spannorm_hf import NORM_SCHEME_NAMES
-from spannorm_hf.benchmark import (
+
+from benchmark import (
     QUICK,
     build,
     llama_config,

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from spannorm_hf import compare
-from spannorm_hf.corpus import read_default_corpus
-from spannorm_hf.diagnostics import decoder_blocks
+from spannorm_hf.training.corpus import read_default_corpus
+from spannorm_hf.training.diagnostics import decoder_blocks
 
-ROOT = Path(__file__).resolve().parents[1]
+import compare
+
+COMPARE_DIR = Path(__file__).resolve().parents[1] / "experiments" / "norm_comparison"
 
 GRID = compare.Grid(
     "test",
@@ -178,7 +179,7 @@ def test_scaling_verdict_needs_a_majority_and_a_lower_mean():
 
 def test_quick_mode_end_to_end_as_documented(tmp_path):
     """The README's two-core recipe on the --quick grid: two shards appending to one JSONL, then --report-only."""
-    script = [sys.executable, str(ROOT / "scripts" / "compare_norms.py"), "--quick", "--out", str(tmp_path)]
+    script = [sys.executable, str(COMPARE_DIR / "compare_norms.py"), "--quick", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     shards = [
         subprocess.Popen([*script, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -1,4 +1,4 @@
-"""Data loading, validation, packing and batching for pretraining (spannorm_hf.data)."""
+"""Data loading, validation, packing and batching for pretraining (spannorm_hf.training.data)."""
 
 import gzip
 import json
@@ -8,12 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_config
 from datasets import Dataset
 
 from spannorm_hf import SpanNormForCausalLM
-from spannorm_hf.corpus import read_default_corpus
-from spannorm_hf.data import (
+from spannorm_hf.training.corpus import read_default_corpus
+from spannorm_hf.training.data import (
     DataError,
     ShuffledRows,
     StreamRows,
@@ -25,7 +24,9 @@ from spannorm_hf.data import (
     split_stream,
     tokenizer_fingerprint,
 )
-from spannorm_hf.tokenizer import train_tokenizer
+from spannorm_hf.training.tokenizer import train_tokenizer
+
+from conftest import tiny_config
 
 DOCS = ["alpha beta gamma delta", "one two three", "the quick brown fox jumps over the lazy dog", "x y"]
 

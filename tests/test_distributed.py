@@ -20,8 +20,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.multiprocessing import start_processes
 from transformers import AutoModelForCausalLM
 
-from spannorm_hf.distributed_cpu import use_fsdp2_on_cpu
-from spannorm_hf.training import build_accelerator, parse_args, train
+from spannorm_hf.training.trainer import build_accelerator, parse_args, train
+
+from distributed_cpu import use_fsdp2_on_cpu
 
 METRICS = ("loss", "lr", "val_loss", "block_0/output_rms", "block_2/grad_norm", "block_1/cosine")
 

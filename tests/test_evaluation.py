@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_generate import run_script, save_tiny_checkpoint
 
-from spannorm_hf.evaluation import (
+from spannorm_hf.integrations.evaluation import (
     PAPER_TASKS,
     perplexity,
     run_lm_eval,
@@ -17,7 +17,7 @@ from spannorm_hf.evaluation import (
     summarize_lm_eval,
     task_manager,
 )
-from spannorm_hf.generation import load_model
+from spannorm_hf.integrations.generation import load_model
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 TEXT = "The interpreter reads a line, parses it and runs it. " * 6

@@ -11,7 +11,7 @@ from test_generate import run_script, save_tiny_checkpoint, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from spannorm_hf import SpanNormForCausalLM
-from spannorm_hf.finetune import (
+from spannorm_hf.integrations.finetune import (
     ADAPTER_BASE_FILE,
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
@@ -21,7 +21,7 @@ from spannorm_hf.finetune import (
     load_adapter,
     load_training_data,
 )
-from spannorm_hf.hub import TRAINING_DETAILS_FILE
+from spannorm_hf.integrations.hub import TRAINING_DETAILS_FILE
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"

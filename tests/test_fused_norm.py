@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from conftest import tiny_config
 from torch import nn
 from transformers import CompileConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from spannorm_hf import SpanNormForCausalLM, modeling_spannorm
 from spannorm_hf.modeling_spannorm import SpanNormRMSNorm, add_rms_norm, fused_add_rms_norm
+
+from conftest import tiny_config
 
 
 def _inputs(shape=(2, 5, 32), seed=0):

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import moe_config, tiny_config
 from transformers import pipeline
 
 from spannorm_hf import SpanNormForCausalLM
-from spannorm_hf.corpus import read_default_corpus
-from spannorm_hf.generation import generate, generation_config, load_model
-from spannorm_hf.tokenizer import train_tokenizer
+from spannorm_hf.integrations.generation import generate, generation_config, load_model
+from spannorm_hf.training.corpus import read_default_corpus
+from spannorm_hf.training.tokenizer import train_tokenizer
+
+from conftest import moe_config, tiny_config
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 PROMPTS = ["The Python interpreter", "import os", "A list comprehension is"]

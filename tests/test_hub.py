@@ -8,14 +8,12 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import moe_config, tiny_config
-from fake_hub import closed_port_url
 from huggingface_hub import EvalResult, ModelCard
 from test_generate import run_script, save_tiny_checkpoint
 from test_modeling import generate_in_fresh_process
 
 from spannorm_hf import NORM_SCHEME_NAMES, SpanNormForCausalLM
-from spannorm_hf.hub import (
+from spannorm_hf.integrations.hub import (
     SCHEME_DESCRIPTIONS,
     TRAINING_DETAILS_FILE,
     CheckpointPusher,
@@ -27,6 +25,9 @@ from spannorm_hf.hub import (
     read_checkpoint_config,
     render_model_card,
 )
+
+from conftest import moe_config, tiny_config
+from fake_hub import closed_port_url
 
 CODE_FILES = ("configuration_spannorm.py", "modeling_spannorm.py")
 
@@ -161,7 +162,7 @@ def test_publish_dry_run_folder_loads_without_the_package(moe_checkpoint, tmp_pa
 
 
 def test_publish_without_token_or_network_exits_zero(moe_checkpoint, tmp_path, capsys, monkeypatch, hub_at):
-    from spannorm_hf.hub import publish_main
+    from spannorm_hf.integrations.hub import publish_main
 
     hub_at(closed_port_url())
     argv = ["--model", str(moe_checkpoint), "--repo-id", "alice/x", "--output-dir", str(tmp_path / "out")]
@@ -183,7 +184,7 @@ def test_publish_without_token_or_network_exits_zero(moe_checkpoint, tmp_path, c
 
 
 def test_publish_uploads_one_commit_or_reports_the_server_error(moe_checkpoint, tmp_path, capsys, hub_at, fake_hub):
-    from spannorm_hf.hub import publish_main
+    from spannorm_hf.integrations.hub import publish_main
 
     hub_at(fake_hub.url)
     out = tmp_path / "out"
@@ -256,7 +257,7 @@ def test_checkpoint_pusher_commits_each_save_in_the_background(tmp_path, hub_at,
 def test_checkpoint_pusher_without_token_or_network_warns_once(tmp_path, hub_at, caplog, monkeypatch):
     folder = checkpoint_folder(tmp_path, "checkpoint-1")
     hub_at(closed_port_url())
-    with caplog.at_level(logging.WARNING, logger="spannorm_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="spannorm_hf.integrations.hub"):
         offline = CheckpointPusher("alice/run")
         futures = [offline.push(folder, f"save {i}") for i in range(3)]
         assert offline.finish(folder) is None
@@ -267,7 +268,7 @@ def test_checkpoint_pusher_without_token_or_network_warns_once(tmp_path, hub_at,
     caplog.clear()
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    with caplog.at_level(logging.WARNING, logger="spannorm_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="spannorm_hf.integrations.hub"):
         tokenless = CheckpointPusher("alice/run")
         assert tokenless.push(folder, "save") is None and tokenless.finish(folder) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -11,11 +11,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import moe_config, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 import spannorm_hf
 from spannorm_hf import NORM_SCHEME_NAMES, SpanNormConfig, SpanNormForCausalLM, SpanNormForSequenceClassification
+
+from conftest import moe_config, tiny_config
 
 SCHEMES_X_KIND = [(s, k) for s in NORM_SCHEME_NAMES for k in ("dense", "moe")]
 

@@ -4,12 +4,13 @@ import gzip
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from spannorm_hf import SpanNormForCausalLM
-from spannorm_hf.corpus import CORPUS_LICENSE, DEFAULT_CORPUS, read_default_corpus
-from spannorm_hf.diagnostics import BlockStats, block_grad_norms
-from spannorm_hf.tokenizer import train_tokenizer
+from spannorm_hf.training.corpus import CORPUS_LICENSE, DEFAULT_CORPUS, read_default_corpus
+from spannorm_hf.training.diagnostics import BlockStats, block_grad_norms
+from spannorm_hf.training.tokenizer import train_tokenizer
+
+from conftest import tiny_config
 
 
 def test_embedded_corpus_is_small_licensed_text():

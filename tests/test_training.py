@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import moe_config, tiny_config
-from fake_hub import closed_port_url
 from test_hub import CODE_FILES
 
-from spannorm_hf.corpus import read_default_corpus
-from spannorm_hf.tokenizer import train_tokenizer
-from spannorm_hf.training import main, parse_args, train
+from spannorm_hf.training.corpus import read_default_corpus
+from spannorm_hf.training.tokenizer import train_tokenizer
+from spannorm_hf.training.trainer import main, parse_args, train
+
+from conftest import moe_config, tiny_config
+from fake_hub import closed_port_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -383,7 +384,7 @@ def test_push_to_hub_uploads_each_checkpoint_and_the_final_model(files, tmp_path
 def test_push_to_hub_without_network_warns_and_training_goes_on(files, tmp_path, hub_at, caplog):
     hub_at(closed_port_url())
     out = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="spannorm_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="spannorm_hf.integrations.hub"):
         result = train(parse_args(argv(files, out, save_every=6, push_to_hub="alice/tiny-run")))
     assert result.step == 12 and (out / "model.safetensors").exists()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -7,7 +7,7 @@ flex get a block-diagonal causal mask, so attention never crosses documents. The
 not a training target (nothing before it in its document predicts it).
 
 Plain-text files are split into documents at blank lines; a jsonl / parquet row (its text column) is one
-document. With no data at all, the embedded corpus (`spannorm_hf.corpus.DEFAULT_CORPUS`) is used.
+document. With no data at all, the embedded corpus (`spannorm_hf.training.corpus.DEFAULT_CORPUS`) is used.
 Tokenizing and packing go through `Dataset.map` with a fingerprint of (data, tokenizer, sequence length), so a
 second run on the same data reuses the cached result.
 """

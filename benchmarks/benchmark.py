@@ -48,8 +48,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from .configuration_spannorm import NORM_SCHEME_NAMES, SpanNormConfig
-from .modeling_spannorm import SpanNormForCausalLM
+from spannorm_hf.configuration_spannorm import NORM_SCHEME_NAMES, SpanNormConfig
+from spannorm_hf.modeling_spannorm import SpanNormForCausalLM
 
 SECTIONS = ("ratios", "growth", "compile")
 DEFAULT_SECTIONS = ("ratios", "growth")  # "compile" spends minutes compiling on a small CPU: ask for it

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
-from .configuration_spannorm import SpanNormConfig
+from ..configuration_spannorm import SpanNormConfig
+from ..integrations.hub import CheckpointPusher, check_repo_id
 from .data import (
     DataError,
     ShuffledRows,
@@ -53,7 +54,6 @@ from .data import (
     tokenizer_fingerprint,
 )
 from .diagnostics import BlockStats, block_grad_norms
-from .hub import CheckpointPusher, check_repo_id
 
 CHECKPOINTS = "checkpoints"
 HUB_UPLOADS = "hub-uploads"  # model snapshots waiting for their background upload (--push-to-hub)

@@ -5,12 +5,12 @@
 # It exits within 8 minutes (a hard `timeout` below; the Python side skips its optional part past 420 s).
 #
 # Three ways to run it:
-#   bash scripts/gpu_check.sh --fetch-wheels   HERE, where PyPI answers: downloads what the device image lacks into
+#   bash benchmarks/gpu_check.sh --fetch-wheels   HERE, where PyPI answers: downloads what the device image lacks into
 #                                              .whl/ (git-ignored via .git/info/exclude, about 14 MiB) for `carry`.
-#   bash scripts/gpu_check.sh                  ON THE DEVICE, through the session's device tool, e.g.
-#                                                run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   bash benchmarks/gpu_check.sh                  ON THE DEVICE, through the session's device tool, e.g.
+#                                                run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #                                              Results: stdout, and $OUT/gpu_check.md + $OUT/gpu_check.json.
-#   bash scripts/gpu_check.sh --dry-run        anywhere, on CPU: the same steps at the tiny preset (a few minutes on
+#   bash benchmarks/gpu_check.sh --dry-run        anywhere, on CPU: the same steps at the tiny preset (a few minutes on
 #                                              2 busy cores, most of it compiling the fused add+norm), so the script
 #                                              is known to work before a GPU is lent.
 #
@@ -55,4 +55,4 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers; print('using torch', torch.__version__, '| transformers', \
 transformers.__version__, '| cuda', torch.cuda.is_available())"
-exec timeout 470 python3 scripts/gpu_check.py "$@"
+exec timeout 470 python3 benchmarks/gpu_check.py "$@"

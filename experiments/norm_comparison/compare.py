@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_spannorm import SpanNormConfig
-from .corpus import DEFAULT_CORPUS
-from .diagnostics import BlockStats, block_grad_norms, decoder_blocks
-from .modeling_spannorm import SpanNormForCausalLM
+from spannorm_hf.configuration_spannorm import SpanNormConfig
+from spannorm_hf.modeling_spannorm import SpanNormForCausalLM
+from spannorm_hf.training.corpus import DEFAULT_CORPUS
+from spannorm_hf.training.diagnostics import BlockStats, block_grad_norms, decoder_blocks
 
 VOCAB = 256  # byte-level tokens
 SPIKE_NATS = 1.0  # a training loss this far above its running minimum (after warmup) counts as a loss spike

@@ -27,8 +27,8 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.configuration_utils import PreTrainedConfig
 
-from .configuration_spannorm import SpanNormConfig
-from .modeling_spannorm import SpanNormForCausalLM
+from ..configuration_spannorm import SpanNormConfig
+from ..modeling_spannorm import SpanNormForCausalLM
 
 logger = logging.getLogger(__name__)
 

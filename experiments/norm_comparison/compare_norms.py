@@ -1,11 +1,12 @@
 """Train every norm scheme (and SpanNorm's scaling candidates) with everything else identical, and write a
 results directory: runs.jsonl (one line per run, resumable), table.md and PNG plots.
 
-    python scripts/compare_norms.py                       # the full grid (about an hour on 2 CPU cores)
-    python scripts/compare_norms.py --quick               # a few minutes
-    python scripts/compare_norms.py --shard 0/2 & python scripts/compare_norms.py --shard 1/2   # two cores
-    python scripts/compare_norms.py --data my.txt --out results/mine
-    python scripts/compare_norms.py --report-only --out results/compare-full   # redraw table and plots
+    cd experiments/norm_comparison
+    python compare_norms.py                                   # the full grid (about an hour on 2 CPU cores)
+    python compare_norms.py --quick                           # a few minutes
+    python compare_norms.py --shard 0/2 & python compare_norms.py --shard 1/2   # two cores
+    python compare_norms.py --data my.txt --out results/mine
+    python compare_norms.py --report-only --out results/compare-full          # redraw table and plots
 """
 
 import argparse
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from spannorm_hf.compare import GRIDS, run_grid, write_report
+from compare import GRIDS, run_grid, write_report
 
 
 def main() -> None:
@@ -21,7 +22,7 @@ def main() -> None:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="full", help="which grid to run (default: full)")
     parser.add_argument("--quick", action="store_true", help="shorthand for --grid quick")
     parser.add_argument("--data", help="a local text file (.gz allowed); default: the embedded Python-docs corpus")
-    parser.add_argument("--out", type=Path, help="results directory (default: results/compare-GRID)")
+    parser.add_argument("--out", type=Path, help="results directory (default: results/compare-GRID beside this file)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads; these models are too small to gain from more"
     )
@@ -39,7 +40,7 @@ def main() -> None:
     except ValueError:
         parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
     grid = GRIDS["quick" if args.quick else args.grid]
-    out = args.out or Path("results") / f"compare-{grid.name}"
+    out = args.out or Path(__file__).resolve().parent / "results" / f"compare-{grid.name}"
     torch.set_num_threads(args.threads)
     if args.report_only:
         written = write_report(out, grid, data=args.data)

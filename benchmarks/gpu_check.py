@@ -1,4 +1,4 @@
-"""The GPU check of issue 6, run by scripts/gpu_check.sh (read its header first): SpanNorm vs Llama at the 1B preset.
+"""The GPU check of issue 6, run by benchmarks/gpu_check.sh (read its header first): SpanNorm vs Llama at the 1B preset.
 
 bf16 training steps (forward + backward + fused AdamW) with FlashAttention (flash-attn if importable, else PyTorch
 SDPA restricted to its flash backend; the output says which ran), model FLOPs utilisation from counted FLOPs, peak
@@ -23,8 +23,9 @@ import transformers
 from transformers import LlamaConfig
 
 from spannorm_hf import SpanNormConfig
-from spannorm_hf.benchmark import Contender, build, interleaved, matmul_params, paired_ratio
 from spannorm_hf.modeling_spannorm import fused_add_rms_norm
+
+from benchmark import Contender, build, interleaved, matmul_params, paired_ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 H200_BF16_DENSE_TFLOPS = 989.0  # datasheet, dense (no sparsity); the measured matmul ceiling is printed beside it
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     if version < MIN_TRANSFORMERS:
         print(
             f"transformers {transformers.__version__} is older than {MIN_TRANSFORMERS}: carry the wheel (see "
-            "scripts/gpu_check.sh --fetch-wheels)",
+            "benchmarks/gpu_check.sh --fetch-wheels)",
             file=sys.stderr,
         )
         return 2

@@ -1,0 +1,2 @@
+"""Pretraining: arguments and the loop (`trainer`), data loading and packing (`data`), tokenizer training
+(`tokenizer`), the embedded corpus (`corpus`) and per-block statistics (`diagnostics`)."""
