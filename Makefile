@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test quality style demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-lint: $(STAMP)
+quality: $(STAMP)  # what CI checks: lint and formatting
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
-test: $(STAMP) lint
+style: $(STAMP)  # fix what `quality` reports, where ruff can
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: $(STAMP) quality
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest tests -q
 
 demo: $(STAMP)
