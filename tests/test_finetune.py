@@ -44,7 +44,8 @@ def dense(tmp_path_factory) -> Path:
 
 
 def test_instruction_loss_is_masked_to_the_response():
-    tokenizer = tiny_tokenizer()
+    tokenizer = copy.deepcopy(tiny_tokenizer())
+    tokenizer.chat_template = None  # a tokenizer without one (trained ones have it): the fallback format
     example = encode_instruction(tokenizer, "Name a module.", " os", max_length=64)
     prompt_ids = tokenizer(PROMPT_TEMPLATE.format(prompt="Name a module."))["input_ids"]
     response_ids = tokenizer(" os")["input_ids"] + [tokenizer.eos_token_id]

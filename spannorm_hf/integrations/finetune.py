@@ -38,7 +38,8 @@ from .hub import TRAINING_DETAILS_FILE, atomic_output_dir, load_checkpoint
 logger = logging.getLogger(__name__)
 
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-# Instruction format for tokenizers without a chat template (ours, by default); generation uses the same one.
+# Instruction format for tokenizers without a chat template (ours have one, see training.tokenizer); generation
+# uses the same one.
 PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 ADAPTER_BASE_FILE = "spannorm_base.json"
 IGNORE_INDEX = -100

@@ -128,7 +128,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, help="beams (mode beam; default 4)")
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (not with beam)")
-    p.add_argument("--chat", action="store_true", help="format prompts like fine-tuning's instruction data")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user turn of the tokenizer's chat template (as fine-tuning formats instruction data)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

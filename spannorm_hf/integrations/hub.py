@@ -171,6 +171,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         staging.unlink(missing_ok=True)
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike, context: int) -> None:
+    """`save_pretrained` with `model_max_length` = the model's context, which a tokenizer trained here (or borrowed)
+    does not know: pipelines, lm-eval and TRL truncate to it. The tokenizer object itself is left as it was."""
+    previous = tokenizer.model_max_length
+    tokenizer.model_max_length = context
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.model_max_length = previous
+
+
 def parameter_counts(config: SpanNormConfig) -> tuple[int, int]:
     """(total, active per token) parameters; each token runs `num_experts_per_tok` of `num_experts` experts.
     The model is built on the meta device, so this costs no memory even for large presets."""
@@ -302,7 +313,7 @@ def build_hub_folder(
     card = render_model_card(model.config, repo_id, **card_kwargs)
     with atomic_output_dir(output_dir) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)  # weights, config + auto_map, code files
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging, model.config.max_position_embeddings)
         card.save(staging / "README.md")
     return Path(output_dir).expanduser().resolve()
 

@@ -54,6 +54,7 @@ from .data import (
     tokenizer_fingerprint,
 )
 from .diagnostics import BlockStats, block_grad_norms
+from .run_details import METRICS_FILE, finish_export
 
 CHECKPOINTS = "checkpoints"
 HUB_UPLOADS = "hub-uploads"  # model snapshots waiting for their background upload (--push-to-hub)
@@ -401,7 +402,7 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, ou
         tmp = output / ".tmp-export"
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        finish_export(tmp, tokenizer, Path(accelerator.project_dir or output) / METRICS_FILE)  # + card details
         names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
         for name in names:
             os.replace(tmp / name, output / name)
