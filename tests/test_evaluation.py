@@ -105,10 +105,10 @@ def choice_loglikelihood(model, tokenizer, context: str, continuation: str) -> f
     return sum(logprobs[i - 1, whole[i]].item() for i in range(n_context, len(whole)))
 
 
-def test_lm_eval_scores_our_checkpoint_as_an_hf_client(checkpoint, loaded, monkeypatch):
+def test_lm_eval_scores_our_checkpoint_as_an_hf_client(checkpoint, loaded, monkeypatch, tmp_path):
     """lm-eval loads the folder itself (model="hf", pretrained=DIR, trust_remote_code=True) and scores a task
     defined in tests/lm_eval_tasks; its log-likelihoods and accuracy must equal ours."""
-    monkeypatch.chdir(TASKS)  # the task's data_files path is relative
+    monkeypatch.chdir(tmp_path)  # the task finds its data from any working directory
     results = run_lm_eval(checkpoint, ["spannorm_tiny_choice"], include_path=TASKS, batch_size=4, device="cpu")
     assert results["config"]["model"] == "hf"
     assert results["config"]["model_args"] == {"pretrained": str(checkpoint.resolve()), "trust_remote_code": True}
