@@ -139,6 +139,7 @@ print(json.dumps({"max_length": tokenizer.model_max_length, "template": tokenize
 """
 
 
+@pytest.mark.slow  # a fresh Python importing transformers (~20 s on a busy 2-core machine)
 def test_exported_folder_chats_through_the_pipeline_without_the_package(tmp_path):
     folder = hub_folder(tmp_path, "dense", max_position_embeddings=96)
     assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 96
@@ -230,7 +231,7 @@ print(json.dumps(results))
 """
 
 
-@pytest.mark.slow  # four SFTTrainer runs in a fresh Python (~45 s on a busy 2-core machine)
+@pytest.mark.slow  # four SFTTrainer runs in a fresh Python (~40 s on a busy 2-core machine)
 def test_trl_sft_trains_a_moe_folder_through_remote_code(tmp_path):
     folder = hub_folder(tmp_path, "moe")
     cases = {"text": ["text", False], "text+lora": ["text", True], "chat": ["chat", False], "chat+lora": ["chat", True]}
@@ -291,7 +292,7 @@ print(json.dumps(results))
 """
 
 
-@pytest.mark.slow  # two Trainer runs in a fresh Python (~30 s on a busy 2-core machine)
+@pytest.mark.slow  # two Trainer runs in a fresh Python (~35 s on a busy 2-core machine)
 def test_plain_trainer_trains_dense_and_moe_folders_through_remote_code(tmp_path):
     folders = [str(hub_folder(tmp_path, "dense")), str(hub_folder(tmp_path, "moe"))]
     results, _ = run_fresh(TRAINER, folders, tmp_path)
