@@ -1,7 +1,9 @@
 """Data loading, validation, packing and batching for pretraining (spannorm_hf.training.data)."""
 
+import bz2
 import gzip
 import json
+import lzma
 
 import datasets.config
 import pyarrow as pa
@@ -11,6 +13,7 @@ import torch
 from datasets import Dataset
 
 from spannorm_hf import SpanNormForCausalLM
+from spannorm_hf.training import data
 from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.data import (
     DataError,
@@ -105,7 +108,7 @@ def test_default_corpus_is_used_without_data():
         ("missing.txt", None, "does not exist"),
         ("empty.txt", b"", "is empty"),
         ("blank.jsonl", b"\n \n", "holds no text"),
-        ("nul.txt", b"text\x00\x01\x02 more", "NUL bytes"),
+        ("nul.txt", b"text\x00\x01\x02 more", "NUL byte"),
         ("latin.txt", b"caf\xe9 \xff\xfe", "not UTF-8"),
         ("zipped.txt.gz", gzip.compress(bytes(range(256)) * 4), "not UTF-8"),
         ("fake.parquet", b"not parquet at all", "not a parquet file"),
@@ -198,3 +201,90 @@ def test_stream_rows_resume_where_the_state_was_saved():
     assert [resumed.take(3)["input_ids"][:, 0].tolist() for _ in range(3)] == rest
     other_rank = StreamRows(rows.to_iterable_dataset(num_shards=1), rank=1, world_size=2)
     assert other_rank.take(3)["input_ids"][:, 0].tolist() == [1, 3, 5]
+
+
+# ------------------------------------------------------------------------------ bad data anywhere in a file
+
+
+LINE = "A line of plain documentation text, long enough to fill the file quickly.\n"
+HEAD = LINE * 2000  # ~150 KB of good text: every defect below sits past the first 64 KiB
+BAD_LINE = HEAD.count("\n") + 1  # the line number of whatever follows HEAD
+
+
+def jsonl_head() -> str:
+    return "".join(json.dumps({"text": f"record {i} " + "x" * 60}) + "\n" for i in range(2000))
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "late-latin.txt",
+            HEAD.encode() + b"caf\xe9\n",
+            f"not UTF-8 text (invalid continuation byte at line {BAD_LINE}",
+        ),
+        ("late-nul.txt", HEAD.encode() + b"ok\x00\n", f"NUL byte (line {BAD_LINE}, byte {len(HEAD) + 2})"),
+        ("cut-char.txt", HEAD.encode() + "é".encode()[:1], "ends inside a multi-byte character"),
+        ("late-bad.jsonl", (jsonl_head() + '{"text": "unclosed\n').encode(), "line 2001 is not valid JSON"),
+        ("late-list.jsonl", (jsonl_head() + '["text"]\n').encode(), "line 2001 is a JSON list, not a record"),
+        ("lines.json", (jsonl_head() + "{oops}\n").encode(), "line 2001 is not valid JSON"),
+        ("late-latin.txt.gz", gzip.compress(HEAD.encode() + b"\xff\n"), f"at line {BAD_LINE}"),
+        ("truncated.txt.gz", gzip.compress(HEAD.encode() * 4)[:-100], "is truncated"),
+        ("truncated.jsonl.bz2", bz2.compress(jsonl_head().encode())[:-50], "is truncated"),
+        ("truncated.txt.xz", lzma.compress(HEAD.encode())[:-50], "is truncated"),
+        ("not-gzip.txt.gz", b"plain text pretending to be gzip\n" * 10, "cannot be read (BadGzipFile"),
+        ("late-bad.jsonl.xz", lzma.compress((jsonl_head() + "{,}\n").encode()), "line 2001 is not valid JSON"),
+        ("data.txt.zst", b"(\xb5/\xfd" + b"\x00" * 20, ".zst is not supported"),
+        ("blank.txt.bz2", bz2.compress(b"\n \n\t\n"), "holds no text"),
+    ],
+)
+def test_bad_data_anywhere_in_a_file_is_named_with_its_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_documents([str(path)])
+    text = str(err.value)
+    assert message in text and repr(str(path)) in text and "\n" not in text
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_data_check_reads_in_chunks_without_false_alarms_or_wrong_lines(tmp_path, monkeypatch, chunk):
+    """Tiny read chunks cut multi-byte characters and JSON lines at every possible place."""
+    monkeypatch.setattr(data, "SCAN_CHUNK", chunk)
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ["café", "naïve ☃", "日本"]))
+    data.check_data_file(str(good))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("é\nü\n".encode() + b"\xff")
+    with pytest.raises(DataError, match="at line 3, byte 6"):
+        data.check_data_file(str(bad))
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "é"}\n{"text": "ü"}\n{"text": \n')
+    with pytest.raises(DataError, match="line 3 is not valid JSON"):
+        data.check_data_file(str(bad_json))
+
+
+def test_bz2_xz_and_json_documents_load(tmp_path):
+    (tmp_path / "a.txt.bz2").write_bytes(bz2.compress(b"first\n\nsecond\n"))
+    (tmp_path / "b.txt.xz").write_bytes(lzma.compress(b"third\n"))
+    assert load_documents([str(tmp_path / "a.txt.bz2"), str(tmp_path / "b.txt.xz")])["text"] == [
+        "first",
+        "second\n",
+        "third\n",
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps([{"text": t} for t in DOCS]))  # one JSON document, not lines
+    assert load_documents([str(tmp_path / "rows.json")])["text"] == DOCS
+    (tmp_path / "cut.json").write_text(json.dumps([{"text": t} for t in DOCS])[:-10])
+    with pytest.raises(DataError, match=r"cut.json'\] could not be parsed as json"):
+        load_documents([str(tmp_path / "cut.json")])
+
+
+def test_truncated_parquet_is_named(tmp_path):
+    pq.write_table(pa.table({"text": DOCS * 100}), tmp_path / "whole.parquet")
+    whole = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="cut.parquet' is a truncated parquet file"):
+        load_documents([str(tmp_path / "cut.parquet")])
+    (tmp_path / "bad-footer.parquet").write_bytes(whole[:4] + b"\x00" * (len(whole) - 8) + b"PAR1")
+    with pytest.raises(DataError, match="bad-footer.parquet' is not a readable parquet file"):
+        load_documents([str(tmp_path / "bad-footer.parquet")])

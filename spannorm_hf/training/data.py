@@ -12,17 +12,26 @@ Tokenizing and packing go through `Dataset.map` with a fingerprint of (data, tok
 second run on the same data reuses the cached result.
 """
 
+import bz2
 import codecs
 import glob
 import gzip
 import hashlib
+import itertools
+import json
+import lzma
 import os
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
+from datasets.exceptions import DatasetGenerationError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .corpus import DEFAULT_CORPUS
@@ -32,6 +41,8 @@ BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".js
 BUILDERS[".parquet"] = "parquet"
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 PACK_VERSION = "pack-v1"  # bump when the packing format changes, to invalidate caches
+NEWLINE = b"\n"
+SCAN_CHUNK = 1 << 20  # bytes read at a time when checking a data file
 TOKENIZER_TRAIN_CHARS = 200_000_000  # enough text for a BPE vocabulary; more only costs time
 
 
@@ -39,50 +50,161 @@ class DataError(ValueError):
     """Bad training data, found before any work is done."""
 
 
-def _builder_for(path: str) -> str:
+def _plain_name(path: str) -> str:
+    """The lower-cased name without its compression suffix (data.jsonl.gz -> data.jsonl)."""
     name = path.lower()
     for suffix in COMPRESSIONS:
         name = name.removesuffix(suffix)
-    builder = BUILDERS.get(Path(name).suffix)
+    return name
+
+
+def _builder_for(path: str) -> str:
+    builder = BUILDERS.get(Path(_plain_name(path)).suffix)
     if builder is None:
-        raise DataError(f"data file {path!r}: unknown type; use one of {sorted(BUILDERS)} (optionally .gz)")
+        raise DataError(
+            f"data file {path!r}: unknown type; use one of {sorted(BUILDERS)} (optionally .gz, .bz2 or .xz)"
+        )
     return builder
 
 
 def _looks_local(spec: str) -> bool:
     if any(ch in spec for ch in "*?[") or os.path.exists(spec) or spec.startswith((".", "/", "~")):
         return True
-    name = spec.lower()
-    for suffix in COMPRESSIONS:
-        name = name.removesuffix(suffix)
-    return Path(name).suffix in BUILDERS
+    return Path(_plain_name(spec)).suffix in BUILDERS
+
+
+def _open_decompressed(path: str) -> BinaryIO:
+    """The file's bytes, decompressed as its suffix says (.gz, .bz2, .xz); .zst is refused (no stdlib decoder)."""
+    name = path.lower()
+    if name.endswith(".zst"):
+        raise DataError(
+            f"data file {path!r}: .zst is not supported (the standard library has no zstd decoder); "
+            "decompress it (zstd -d) or recompress it as .gz, .bz2 or .xz"
+        )
+    for suffix, opener in ((".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open)):
+        if name.endswith(suffix):
+            return opener(path, "rb")
+    return open(path, "rb")
+
+
+def _check_json_line(path: str, raw: bytes, number: int) -> None:
+    if not raw.strip():
+        return  # blank lines are skipped by the json builder
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else err.reason
+        raise DataError(f"data file {path!r} line {number} is not valid JSON ({reason}); fix or remove it") from None
+    if not isinstance(value, dict):
+        raise DataError(
+            f"data file {path!r} line {number} is a JSON {type(value).__name__}, not a record; "
+            'each line must be an object such as {"text": "..."}'
+        )
+
+
+def _is_json_document(head: bytes) -> bool:
+    """A .json file holding one JSON document (an array, or an object spread over lines), not JSON lines."""
+    text = head.lstrip()
+    if text.startswith(b"["):
+        return True
+    first_line = text.split(b"\n", 1)[0]
+    try:
+        json.loads(first_line)
+    except ValueError:
+        return text.startswith(b"{")
+    return False
+
+
+def _scan_text(path: str, chunks: Iterable[bytes], json_lines: bool) -> bool:
+    """Read the file once, chunk by chunk: raise a `DataError` naming the line of the first byte that is not UTF-8, the
+    first NUL byte or (JSON lines) the first line that is not a JSON object. Whether any non-blank text was seen."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seen_text = False
+    line = 1  # the line the current chunk starts on
+    offset = 0  # the file offset (decompressed) of the current chunk
+    pending, pending_line = b"", 1  # JSON lines: the unfinished last line and its number
+    for chunk in chunks:
+        buffered = len(decoder.getstate()[0])  # bytes of a character cut at the previous chunk's end
+        try:
+            decoder.decode(chunk)
+        except UnicodeDecodeError as err:
+            start = max(0, err.start - buffered)
+            where = f"line {line + chunk.count(NEWLINE, 0, start)}, byte {offset + start}"
+            raise DataError(
+                f"data file {path!r} looks binary or is not UTF-8 text ({err.reason} at {where}); "
+                "convert text to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+        nul = chunk.find(b"\x00")
+        if nul >= 0:
+            where = f"line {line + chunk.count(NEWLINE, 0, nul)}, byte {offset + nul}"
+            raise DataError(f"data file {path!r} looks binary: it contains a NUL byte ({where})")
+        seen_text = seen_text or bool(chunk.strip())
+        if json_lines:
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for i, raw in enumerate(lines):
+                _check_json_line(path, raw, pending_line + i)
+            pending_line += len(lines)
+        line += chunk.count(b"\n")
+        offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(
+            f"data file {path!r} is not UTF-8 text (it ends inside a multi-byte character, line {line}); "
+            "the file is probably truncated"
+        ) from None
+    if json_lines:
+        _check_json_line(path, pending, pending_line)
+    return seen_text
+
+
+def _check_parquet(path: str) -> None:
+    if path.lower().endswith(COMPRESSIONS):
+        raise DataError(f"data file {path!r}: parquet is compressed inside; pass the .parquet file itself")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, os.path.getsize(path) - 4))
+        tail = f.read(4)
+    if head != b"PAR1":
+        raise DataError(f"data file {path!r} is not a parquet file (no PAR1 magic)")
+    if tail != b"PAR1":
+        raise DataError(f"data file {path!r} is a truncated parquet file (no PAR1 footer); re-download or rewrite it")
+    try:
+        pq.ParquetFile(path).metadata  # noqa: B018  (reads and checks the footer: schema and row groups)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"data file {path!r} is not a readable parquet file: {err}") from None
 
 
 def check_data_file(path: str) -> None:
-    """Raise a `DataError` naming `path` if it is missing, empty or not text of its type."""
+    """Raise a `DataError` naming `path` (and the line, where there is one) if it is missing, empty, truncated,
+    not UTF-8 text, binary, or (JSON lines) holds a line that is not a JSON object. Text is read once, in 1 MiB
+    chunks, through its decompressor, so the check costs one streaming pass and no memory for big files."""
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} does not exist (or is not a file)")
     if os.path.getsize(path) == 0:
         raise DataError(f"data file {path!r} is empty")
     builder = _builder_for(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            head = f.read(1 << 16)
-    except OSError as err:
-        raise DataError(f"data file {path!r} cannot be read: {err}") from err
     if builder == "parquet":
-        if not head.startswith(b"PAR1"):
-            raise DataError(f"data file {path!r} is not a parquet file (no PAR1 magic)")
+        _check_parquet(path)
         return
-    if not head.strip():
-        raise DataError(f"data file {path!r} holds no text (only whitespace)")
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-    except UnicodeDecodeError as err:
-        raise DataError(f"data file {path!r} looks binary: not UTF-8 text ({err.reason} at byte {err.start})") from err
-    if b"\x00" in head:
-        raise DataError(f"data file {path!r} looks binary: it contains NUL bytes")
+        with _open_decompressed(path) as stream:
+            head = stream.read(SCAN_CHUNK)
+            json_lines = builder == "json" and (_plain_name(path).endswith(".jsonl") or not _is_json_document(head))
+            chunks = itertools.chain([head], iter(lambda: stream.read(SCAN_CHUNK), b""))
+            seen_text = _scan_text(path, chunks, json_lines)
+    except EOFError:
+        raise DataError(
+            f"data file {path!r} is truncated: its compressed stream ends early; re-download or re-compress it"
+        ) from None
+    except (OSError, lzma.LZMAError, zlib.error) as err:
+        raise DataError(
+            f"data file {path!r} cannot be read ({type(err).__name__}: {err}); if it is compressed it may be "
+            "corrupt: re-download or re-compress it"
+        ) from None
+    if not seen_text:
+        raise DataError(f"data file {path!r} holds no text (only whitespace)")
 
 
 def resolve_data(specs: list[str] | None) -> tuple[str | None, list[str] | str]:
@@ -120,7 +242,11 @@ def load_documents(
             raise DataError(f"could not load Hub dataset {name!r} (and no such local file): {err}") from err
     else:
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
+        try:
+            ds = load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
+        except DatasetGenerationError as err:  # e.g. a malformed one-document .json file (not checked line by line)
+            reason = " ".join(str(err.__cause__ or err).split())
+            raise DataError(f"data file(s) {files} could not be parsed as {builder}: {reason}") from err
     columns = ds.column_names
     if columns is None:  # a stream whose features are not declared: look at its first row
         columns = list(next(iter(ds), {}).keys())
