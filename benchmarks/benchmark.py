@@ -190,7 +190,8 @@ def clock(device: torch.device) -> Callable[[], float]:
     return time.perf_counter if device.type == "cuda" else time.process_time
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work before reading a clock (a no-op on CPU); gpu_check uses it too."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -214,19 +215,19 @@ class Contender:
 
     def train_step(self, ids: torch.Tensor) -> float:
         self.model.train()
-        _sync(self.device)
+        synchronize(self.device)
         start = self.clock()
         self._step(ids)
-        _sync(self.device)
+        synchronize(self.device)
         return self.clock() - start
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> float:
         self.model.eval()
-        _sync(self.device)
+        synchronize(self.device)
         start = self.clock()
         self.forward(input_ids=ids, use_cache=True, logits_to_keep=1)
-        _sync(self.device)
+        synchronize(self.device)
         return self.clock() - start
 
     @torch.no_grad()
@@ -235,12 +236,12 @@ class Contender:
         self.model.eval()
         out = self.model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-        _sync(self.device)
+        synchronize(self.device)
         start = self.clock()
         for _ in range(new_tokens):
             out = self.model(input_ids=token, cache=cache, use_cache=True)
             cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-        _sync(self.device)
+        synchronize(self.device)
         return self.clock() - start
 
     @torch.no_grad()
@@ -253,7 +254,7 @@ class Contender:
             if self.device.type != "cuda":
                 config.mode = "default"
                 config._compile_all_devices = True  # transformers compiles only on accelerators unless told
-        _sync(self.device)
+        synchronize(self.device)
         start = self.clock()
         self.model.generate(
             prompt,
@@ -264,7 +265,7 @@ class Contender:
             compile_config=config,
             disable_compile=not compiled,
         )
-        _sync(self.device)
+        synchronize(self.device)
         return self.clock() - start
 
     def peak_train_bytes(self, ids: torch.Tensor) -> int:
@@ -274,11 +275,11 @@ class Contender:
         state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         resident = _tensor_bytes(list(self.model.parameters()) + state)
         if self.device.type == "cuda":
-            _sync(self.device)
+            synchronize(self.device)
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._step(ids)
-            _sync(self.device)
+            synchronize(self.device)
             return resident + torch.cuda.max_memory_allocated(self.device) - before
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile

@@ -25,7 +25,7 @@ from transformers import LlamaConfig
 from spannorm_hf import SpanNormConfig
 from spannorm_hf.modeling_spannorm import fused_add_rms_norm
 
-from benchmark import Contender, build, interleaved, matmul_params, paired_ratio
+from benchmark import Contender, build, interleaved, matmul_params, paired_ratio, synchronize
 
 ROOT = Path(__file__).resolve().parent.parent
 H200_BF16_DENSE_TFLOPS = 989.0  # datasheet, dense (no sparsity); the measured matmul ceiling is printed beside it
@@ -49,17 +49,12 @@ def matmul_ceiling_tflops(device: torch.device, n: int) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(10):
         a @ b
-    _sync(device)
+    synchronize(device)
     return 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def pick_attention(device: torch.device) -> tuple[str, contextlib.AbstractContextManager, str]:

@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of a SpanNorm checkpoint; see spannorm_hf.integrations.finetune."""
+"""LoRA fine-tuning of a SpanNorm checkpoint (the `spannorm-finetune` command, run from a clone); see
+spannorm_hf.integrations.finetune."""
 
 import sys
 

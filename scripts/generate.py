@@ -1,4 +1,5 @@
-"""Text generation from a SpanNorm checkpoint or adapter; see spannorm_hf.integrations.generation."""
+"""Text generation from a SpanNorm checkpoint or adapter (the `spannorm-generate` command, run from a clone); see
+spannorm_hf.integrations.generation."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Build a Hub folder with a model card and upload it; see spannorm_hf.integrations.hub."""
+"""Build a Hub folder with a model card and upload it (the `spannorm-publish` command, run from a clone); see
+spannorm_hf.integrations.hub."""
 
 import sys
 

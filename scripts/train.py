@@ -1,5 +1,6 @@
-"""Pretrain a SpanNorm model: `python scripts/train.py ...` (one process) or
-`accelerate launch [--config_file scripts/accelerate/<name>.yaml] scripts/train.py ...`; `--help` lists options."""
+"""Pretrain a SpanNorm model (the `spannorm-train` command, run from a clone): `python scripts/train.py ...` (one
+process) or `accelerate launch [--config_file scripts/accelerate/<name>.yaml] scripts/train.py ...`; `--help` lists
+options."""
 
 import sys
 

@@ -85,14 +85,14 @@ def test_evaluate_script_writes_perplexity(checkpoint, loaded, tmp_path, monkeyp
     out = tmp_path / "results.json"
     argv = ["--model", str(checkpoint), "--text", str(tmp_path / "held_out.jsonl"), "--max-length", "32"]
     assert (
-        run_script("evaluate.py", [*argv, "--stride", "8", "--device", "cpu", "--output", str(out)], monkeypatch) == 0
+        run_script("evaluate_model.py", [*argv, "--stride", "8", "--device", "cpu", "--output", str(out)], monkeypatch) == 0
     )
     report = json.loads(out.read_text())["perplexity"]
     expected = perplexity(model, tokenizer, TEXT + "\n\n" + TEXT, max_length=32, stride=8, dataset="held_out.jsonl")
     assert report["tokens"] == expected.tokens == len(tokenizer(TEXT + "\n\n" + TEXT)["input_ids"]) - 1
     assert report["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
     assert report["perplexity"] == pytest.approx(math.exp(report["nll"]), rel=1e-9)
-    assert run_script("evaluate.py", ["--model", str(tmp_path), "--text", str(out)], monkeypatch) == 2
+    assert run_script("evaluate_model.py", ["--model", str(tmp_path), "--text", str(out)], monkeypatch) == 2
 
 
 def choice_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:

@@ -21,10 +21,10 @@ from spannorm_hf.integrations.hub import (
     check_repo_id,
     eval_results_from_json,
     load_checkpoint,
-    parameter_counts,
     read_checkpoint_config,
     render_model_card,
 )
+from spannorm_hf.parameters import parameter_counts
 
 from conftest import moe_config, tiny_config
 from fake_hub import closed_port_url
@@ -83,14 +83,17 @@ def test_every_norm_scheme_has_a_card_description():
 def test_parameter_counts(tied):
     dense = tiny_config(tie_word_embeddings=tied)
     model = SpanNormForCausalLM(dense)
-    assert parameter_counts(dense) == (sum(p.numel() for p in model.parameters()),) * 2
+    counts = parameter_counts(dense)
+    assert counts.total == counts.active == counts.local == sum(p.numel() for p in model.parameters())
+    assert parameter_counts(model) == counts  # a built model and its config count the same
     moe = moe_config(tie_word_embeddings=tied)
-    total, active = parameter_counts(moe)
+    total, active = parameter_counts(moe).total, parameter_counts(moe).active
     assert total == sum(p.numel() for p in SpanNormForCausalLM(moe).parameters())
     sparse_layers = moe.num_hidden_layers - moe.first_k_dense_layers
     per_expert = 3 * moe.hidden_size * moe.moe_intermediate_size  # gate, up, down
     idle = moe.num_experts - moe.num_experts_per_tok
     assert active == total - sparse_layers * idle * per_expert
+    assert parameter_counts(SpanNormForCausalLM(moe)) == parameter_counts(moe)
 
 
 EVAL_JSON = {
@@ -117,7 +120,7 @@ def test_model_card_metadata_validates(tmp_path):
     got = {(r.dataset_name, r.metric_type): r.metric_value for r in data.eval_results}
     assert got == {("held_out.txt", "perplexity"): 21.5, ("hellaswag", "acc"): 0.31, ("hellaswag", "acc_norm"): 0.35}
     assert all(isinstance(r, EvalResult) and r.task_type == "text-generation" for r in data.eval_results)
-    total, active = parameter_counts(config)
+    total, active = parameter_counts(config).total, parameter_counts(config).active
     text = loaded.text
     assert f"({total:,})" in text and f"({active:,})" in text and active < total
     assert "| Experts | 4, top-2, in 2 of 3 |" in text

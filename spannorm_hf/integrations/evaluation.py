@@ -6,12 +6,10 @@ on every call; the sliding-window loop below is the standard one (the transforme
 so that every token from position 1 on is scored exactly once.
 """
 
-import argparse
 import functools
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .finetune import load_adapter
+from ..cli import ArgumentParser, InputError, command
+from .adapters import adapter_base, is_adapter_folder, load_adapter
 from .generation import load_model
 from .hub import atomic_write_text, read_checkpoint_config
 
@@ -48,15 +47,15 @@ def sliding_window_nll(
     `stride` tokens; each window scores only the tokens no earlier window scored, so with stride < max_length
     every token has at least max_length - stride tokens of context. With stride == max_length (no overlap) the
     first token of each window has no context and is skipped, as is token 0."""
-    if input_ids.dim() != 1:
+    if input_ids.dim() != 1:  # a caller's mistake, not the user's
         raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
     if max_length < 2:
-        raise ValueError(f"max_length={max_length} must be >= 2")
+        raise InputError(f"max_length={max_length} must be >= 2 (--max-length)")
     if not 1 <= stride <= max_length:
-        raise ValueError(f"stride={stride} must be in [1, max_length={max_length}]")
+        raise InputError(f"stride={stride} must be in [1, max_length={max_length}] (--stride)")
     n = input_ids.numel()
     if n < 2:
-        raise ValueError(f"need at least 2 tokens to score, got {n}")
+        raise InputError(f"need at least 2 tokens to score, got {n}; give a longer --text")
     device = next(model.parameters()).device
     total, count, scored_until = 0.0, 0, 0
     for begin in range(0, n, stride):
@@ -85,7 +84,7 @@ def read_eval_text(path: str | os.PathLike) -> str:
 
     records = load_dataset("json", data_files=str(path), split="train")
     if "text" not in records.column_names:
-        raise ValueError(f"{str(path)!r}: records need a 'text' field; found {records.column_names}")
+        raise InputError(f"{str(path)!r}: records need a 'text' field; found {records.column_names}")
     return "\n\n".join(records["text"])
 
 
@@ -110,8 +109,8 @@ def lm_eval_model_args(name_or_path: str | os.PathLike) -> dict[str, Any]:
     """lm-eval `hf` model arguments: the checkpoint with trust_remote_code, or an adapter's base plus `peft=`
     (after checking that the adapter belongs to that base)."""
     path = Path(name_or_path).expanduser()
-    if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if is_adapter_folder(path):
+        base = adapter_base(path)
         model, _ = load_adapter(path)  # raises when the adapter does not belong to its base
         del model
         return {"pretrained": base, "peft": str(path.resolve()), "trust_remote_code": True}
@@ -160,7 +159,10 @@ def run_lm_eval(
     manager = task_manager(str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s) {unknown}; 'paper' stands for {list(PAPER_TASKS)}")
+        raise InputError(
+            f"unknown lm-eval task(s) {unknown}; 'paper' stands for {list(PAPER_TASKS)}; "
+            "define other tasks in YAML files and pass their folder with --include-path"
+        )
     try:
         return lm_eval.simple_evaluate(
             model="hf",
@@ -173,14 +175,14 @@ def run_lm_eval(
             device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
         )
     except (ConnectionError, OSError) as error:
-        raise RuntimeError(
+        raise InputError(
             f"lm-eval could not run {list(tasks)}: {error}. The paper's tasks read their datasets from the Hub: run "
             "once with network access (they are cached in HF_DATASETS_CACHE) or define local tasks with --include-path"
         ) from error
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Perplexity and lm-evaluation-harness scores of a SpanNorm checkpoint.")
+def parser() -> ArgumentParser:
+    p = ArgumentParser(description="Perplexity and lm-evaluation-harness scores of a SpanNorm checkpoint.")
     p.add_argument("--model", required=True, help="checkpoint folder, Hub id, or LoRA adapter folder")
     p.add_argument("--text", help="held-out text for perplexity (.txt, or .jsonl with a 'text' field)")
     p.add_argument("--max-length", type=int, help="perplexity window (default: the model's context length)")
@@ -195,42 +197,44 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
+    """`spannorm-evaluate` / `scripts/evaluate_model.py`: 0 on success, 2 (one `error:` line) for bad input."""
     args = parser().parse_args(argv)
     if not args.text and not args.tasks:
-        parser().error("nothing to do: give --text (perplexity) and/or --tasks (lm-eval)")
+        raise InputError("nothing to do: give --text (perplexity) and/or --tasks (lm-eval)")
     report: dict[str, Any] = {"model": str(args.model)}
-    try:
-        if args.text:
-            model, tokenizer = load_model(args.model, device=args.device)
-            text = read_eval_text(args.text)
-            result = perplexity(
-                model, tokenizer, text, max_length=args.max_length, stride=args.stride, dataset=Path(args.text).name
-            )
-            report["perplexity"] = asdict(result)
-            print(
-                f"perplexity {result.perplexity:.4f} ({result.tokens} tokens, window {result.max_length}, "
-                f"stride {result.stride})"
-            )
-            del model
-        if args.tasks:
-            limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-            batch_size = args.batch_size if args.batch_size.startswith("auto") else int(args.batch_size)
-            results = run_lm_eval(
-                args.model,
-                args.tasks,
-                include_path=args.include_path,
-                num_fewshot=args.num_fewshot,
-                batch_size=batch_size,
-                limit=limit,
-                device=args.device,
-            )
-            report["lm_eval"] = summarize_lm_eval(results)
-            for task, info in report["lm_eval"].items():
-                print(task, " ".join(f"{m}={v:.4f}" for m, v in info["metrics"].items()))
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.text:
+        model, tokenizer = load_model(args.model, device=args.device)
+        text = read_eval_text(args.text)
+        result = perplexity(
+            model, tokenizer, text, max_length=args.max_length, stride=args.stride, dataset=Path(args.text).name
+        )
+        report["perplexity"] = asdict(result)
+        print(
+            f"perplexity {result.perplexity:.4f} ({result.tokens} tokens, window {result.max_length}, "
+            f"stride {result.stride})"
+        )
+        del model
+    if args.tasks:
+        limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+        batch_size = args.batch_size
+        if not batch_size.startswith("auto"):
+            if not batch_size.isdigit() or int(batch_size) < 1:
+                raise InputError(f"--batch-size {batch_size!r} must be a positive whole number, 'auto' or 'auto:N'")
+            batch_size = int(batch_size)
+        results = run_lm_eval(
+            args.model,
+            args.tasks,
+            include_path=args.include_path,
+            num_fewshot=args.num_fewshot,
+            batch_size=batch_size,
+            limit=limit,
+            device=args.device,
+        )
+        report["lm_eval"] = summarize_lm_eval(results)
+        for task, info in report["lm_eval"].items():
+            print(task, " ".join(f"{m}={v:.4f}" for m, v in info["metrics"].items()))
     if args.output:
         atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
         print(f"Results: {args.output}")

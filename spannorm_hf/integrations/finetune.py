@@ -8,8 +8,6 @@ one). The adapter folder records a fingerprint of its base's weights, so it is n
 another base.
 """
 
-import argparse
-import hashlib
 import json
 import logging
 import os
@@ -24,24 +22,21 @@ import torch
 from datasets import Dataset, load_dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
-    AutoTokenizer,
     DataCollatorForSeq2Seq,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
     set_seed,
 )
 
+from ..cli import ArgumentParser, InputError, command
+from .adapters import ADAPTER_BASE_FILE, base_fingerprint, is_adapter_folder, load_adapter
 from .hub import TRAINING_DETAILS_FILE, atomic_output_dir, load_checkpoint
+from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (PROMPT_TEMPLATE: re-exported for callers)
 
 logger = logging.getLogger(__name__)
 
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-# Instruction format for tokenizers without a chat template (ours have one, see training.tokenizer); generation
-# uses the same one.
-PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-ADAPTER_BASE_FILE = "spannorm_base.json"
 IGNORE_INDEX = -100
 
 
@@ -59,9 +54,9 @@ def lora_config(
 ) -> LoraConfig:
     """LoRA settings for a SpanNorm config; `target_parameters=None` means the fused experts of MoE models."""
     if rank < 1:
-        raise ValueError(f"LoRA rank={rank} must be >= 1")
+        raise InputError(f"LoRA rank={rank} must be >= 1 (--rank)")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout={dropout} must be in [0, 1)")
+        raise InputError(f"LoRA dropout={dropout} must be in [0, 1) (--dropout)")
     if target_parameters is None:
         target_parameters = EXPERT_PARAMETERS if config.num_experts > 0 else ()
     if isinstance(target_modules, Sequence) and not isinstance(target_modules, str):
@@ -76,27 +71,7 @@ def lora_config(
     )
 
 
-def base_fingerprint(model: PreTrainedModel) -> str:
-    """A cheap hash of a (plain, un-wrapped) model's weights: names, shapes and the first 256 values of every
-    tensor rounded to bf16, so an fp32 and a bf16 load of the same checkpoint agree and two checkpoints differ."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        head = tensor.detach().flatten()[:256].to("cpu", torch.bfloat16)
-        digest.update(head.view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------- data
-
-
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The prompt as the model sees it: the chat template's user turn + generation prompt, else PROMPT_TEMPLATE."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
 def _response_text(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, prompt_text: str) -> str:
@@ -127,6 +102,24 @@ def encode_instruction(
     return {"input_ids": input_ids, "labels": labels}
 
 
+def _check_responses(path: Path, responses: Sequence[str | None]) -> None:
+    """Refuse instruction data whose responses are all empty (the loss would be on EOS alone: the adapter learns
+    only to stop); warn when some are."""
+    empty = sum(1 for response in responses if not (response or "").strip())
+    if empty == len(responses):
+        raise InputError(
+            f"training data {str(path)!r}: all {empty} responses are empty, so the loss would be on EOS alone and "
+            "the adapter would learn only to stop; fill the 'response' fields"
+        )
+    if empty:
+        logger.warning(
+            "training data %r: %d of %d responses are empty; those examples teach only EOS",
+            str(path),
+            empty,
+            len(responses),
+        )
+
+
 def load_training_data(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
     """A tokenized dataset from `.jsonl`/`.json` (records with prompt+response, or text) or plain text (any other
     suffix; the file is one document). Text is packed into `max_length` blocks joined by EOS."""
@@ -134,7 +127,7 @@ def load_training_data(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBa
     if not path.is_file():
         raise FileNotFoundError(f"training data {str(path)!r} not found")
     if max_length < 2:
-        raise ValueError(f"max_length={max_length} must be >= 2")
+        raise InputError(f"max_length={max_length} must be >= 2 (--max-length)")
     if path.suffix in (".jsonl", ".json"):
         raw = load_dataset("json", data_files=str(path), split="train")
     else:
@@ -145,6 +138,7 @@ def load_training_data(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBa
         def encode(example):
             return encode_instruction(tokenizer, example["prompt"], example["response"], max_length)
 
+        _check_responses(path, raw["response"])
         data = raw.map(encode, remove_columns=raw.column_names)
         kept = data.filter(lambda example: any(label != IGNORE_INDEX for label in example["labels"]))
         if len(kept) < len(data):
@@ -166,47 +160,16 @@ def load_training_data(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBa
 
         data = raw.map(pack, batched=True, remove_columns=raw.column_names)
     else:
-        raise ValueError(
+        raise InputError(
             f"training data {str(path)!r}: records need 'prompt' and 'response' (instruction data) or 'text'; "
             f"found columns {sorted(columns)}"
         )
     if len(data) == 0:
-        raise ValueError(f"training data {str(path)!r} gave no training examples")
+        raise InputError(f"training data {str(path)!r} gave no training examples; check the file and --max-length")
     return data
 
 
 # ------------------------------------------------------------------------------------------------------- adapters
-
-
-def load_adapter(
-    adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto"
-) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The base named in the adapter folder (or `base`) with the adapter attached, in eval mode. Raises
-    ValueError when the adapter was trained on another base (fingerprint or shapes differ)."""
-    adapter_dir = Path(adapter_dir).expanduser()
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{str(adapter_dir)!r} has no adapter_config.json: not a PEFT adapter folder")
-    base = base or json.loads(config_path.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"adapter {str(adapter_dir)!r} does not name its base model; pass the base explicitly")
-    model, tokenizer = load_checkpoint(base, dtype=dtype)
-    record_path = adapter_dir / ADAPTER_BASE_FILE
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        found = base_fingerprint(model)
-        if record["fingerprint"] != found:
-            raise ValueError(
-                f"adapter {str(adapter_dir)!r} was trained on another base: it records {record['base']!r} with "
-                f"weight fingerprint {record['fingerprint'][:12]}, but {str(base)!r} has fingerprint {found[:12]}"
-            )
-    try:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    except (RuntimeError, ValueError, KeyError) as error:  # size mismatch, target modules missing in the base
-        raise ValueError(f"adapter {str(adapter_dir)!r} does not fit base {str(base)!r}: {error}") from error
-    if (adapter_dir / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    return model.eval(), tokenizer
 
 
 def merge_adapter(
@@ -338,8 +301,8 @@ def finetune_lora(
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def parser() -> ArgumentParser:
+    p = ArgumentParser(
         description="LoRA fine-tuning of a SpanNorm checkpoint (local folder or Hub id). Without --data, merge an "
         "existing adapter (--model ADAPTER_DIR) into its base with --merge."
     )
@@ -368,15 +331,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
+    """`spannorm-finetune` / `scripts/finetune_lora.py`: 0 on success, 2 (one `error:` line) for bad input."""
     args = parser().parse_args(argv)
     if args.data is None:
         if not args.merge:
-            parser().error("give --data (and --output) to fine-tune, or an adapter folder as --model with --merge")
+            raise InputError("give --data (and --output) to fine-tune, or an adapter folder as --model with --merge")
+        if not is_adapter_folder(args.model):
+            raise InputError(
+                f"--model {args.model!r} is not a LoRA adapter folder (no adapter_config.json); to merge, pass the "
+                "folder a fine-tuning run wrote (its --output), or give --data to fine-tune"
+            )
         print(f"Merged model: {merge_adapter(args.model, args.merge)}")
         return 0
     if not args.output:
-        parser().error("--output is required with --data")
+        raise InputError("--output is required with --data (the folder the adapter is written to)")
     modules = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     result = finetune_lora(
         args.model,

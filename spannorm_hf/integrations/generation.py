@@ -2,20 +2,22 @@
 of prompts, or streamed to the terminal with `TextStreamer`.
 
 Everything goes through `model.generate` and `GenerationConfig`; this module only checks the settings early and
-names the bad one, pads batches on the left, and picks the model loader (checkpoint or adapter).
+names the bad one, pads batches on the left, and picks the model loader (checkpoint or adapter). A prompt that is
+empty, or that with `max_new_tokens` would run past the model's context (`max_position_embeddings`, the positions
+it was trained on), is refused rather than cut: cutting would silently drop what the user wrote.
 """
 
-import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer, set_seed
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from .finetune import format_prompt, load_adapter
+from ..cli import ArgumentParser, InputError, command
+from .adapters import is_adapter_folder, load_adapter
 from .hub import load_checkpoint
+from .prompts import format_prompt
 
 MODES = ("greedy", "sample", "beam")
 
@@ -25,7 +27,7 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A SpanNorm checkpoint (folder or Hub id) or a LoRA adapter folder on its base, in eval mode on `device`
     (default: CUDA when available)."""
-    if (Path(name_or_path).expanduser() / "adapter_config.json").is_file():
+    if is_adapter_folder(name_or_path):
         model, tokenizer = load_adapter(name_or_path, dtype=dtype)
     else:
         model, tokenizer = load_checkpoint(name_or_path, dtype=dtype)
@@ -47,25 +49,25 @@ def generation_config(
     """The model's own generation config (bos/eos/pad) updated for `mode`; settings that `mode` would ignore are
     an error rather than silently dropped."""
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+        raise InputError(f"mode={mode!r} must be one of {MODES}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        raise InputError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if mode != "sample":
         for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
             if value is not None:
-                raise ValueError(f"{name}={value} only applies to mode='sample' (mode is {mode!r})")
+                raise InputError(f"{name}={value} only applies to mode='sample' (mode is {mode!r})")
     if mode != "beam" and num_beams is not None:
-        raise ValueError(f"num_beams={num_beams} only applies to mode='beam' (mode is {mode!r})")
+        raise InputError(f"num_beams={num_beams} only applies to mode='beam' (mode is {mode!r})")
     if temperature is not None and temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (use mode='greedy' for argmax decoding)")
+        raise InputError(f"temperature={temperature} must be > 0 (use mode='greedy' for argmax decoding)")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise InputError(f"top_p={top_p} must be in (0, 1]")
     if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 disables it)")
+        raise InputError(f"top_k={top_k} must be >= 0 (0 disables it)")
     if repetition_penalty is not None and repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1.0 is no penalty)")
+        raise InputError(f"repetition_penalty={repetition_penalty} must be > 0 (1.0 is no penalty)")
     if num_beams is not None and num_beams < 2:
-        raise ValueError(f"num_beams={num_beams} must be >= 2 for beam search")
+        raise InputError(f"num_beams={num_beams} must be >= 2 for beam search")
     config = GenerationConfig.from_dict(model.generation_config.to_dict())
     settings: dict = {"max_new_tokens": max_new_tokens, "do_sample": mode == "sample", "num_beams": 1}
     if mode == "sample":
@@ -76,6 +78,24 @@ def generation_config(
         settings["repetition_penalty"] = repetition_penalty
     config.update(**settings)
     return config
+
+
+def check_prompt_lengths(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_new_tokens: int
+) -> None:
+    """Raise `InputError` for a prompt with no tokens (nothing to continue from) or one whose tokens plus
+    `max_new_tokens` exceed the model's context: past `max_position_embeddings` the model meets positions it never
+    trained on, so the prompt is refused rather than silently cut."""
+    context = model.config.max_position_embeddings
+    for number, ids in enumerate(tokenizer(list(texts), add_special_tokens=True)["input_ids"], start=1):
+        if not ids:
+            raise InputError(f"prompt {number} is empty: there is nothing to continue from; give some text")
+        if len(ids) + max_new_tokens > context:
+            raise InputError(
+                f"prompt {number} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(ids) + max_new_tokens}, more than the model's context of {context} tokens "
+                "(max_position_embeddings); shorten the prompt or lower --max-new-tokens"
+            )
 
 
 def generate(
@@ -91,10 +111,11 @@ def generate(
     formatted instruction data. `stream` prints tokens to stdout as they come, one prompt after another
     (TextStreamer handles one sequence, so not with beam search)."""
     if not prompts:
-        raise ValueError("no prompts given")
+        raise InputError("no prompts given")
     if stream and config.num_beams > 1:
-        raise ValueError("streaming shows one sequence as it grows; it cannot be combined with beam search")
+        raise InputError("streaming shows one sequence as it grows; it cannot be combined with beam search")
     texts = [format_prompt(tokenizer, p) for p in prompts] if chat else list(prompts)
+    check_prompt_lengths(model, tokenizer, texts, config.max_new_tokens)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right
@@ -115,13 +136,19 @@ def generate(
     return tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate text with a SpanNorm checkpoint (folder or Hub id) or adapter.")
+def parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="Generate text with a SpanNorm checkpoint (folder or Hub id) or adapter. A prompt must have at "
+        "least one token, and its tokens plus --max-new-tokens must fit the model's context (max_position_embeddings):"
+        " a longer prompt is an error, never silently cut."
+    )
     p.add_argument("--model", required=True, help="checkpoint folder, Hub id, or LoRA adapter folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--mode", choices=MODES, default="greedy")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate; prompt tokens + this must fit the context"
+    )
     p.add_argument("--temperature", type=float, help="sampling temperature (mode sample; default 1.0)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (mode sample; default 1.0)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (mode sample; default 50)")
@@ -139,30 +166,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
+    """`spannorm-generate` / `scripts/generate.py`: 0 on success, 2 (one `error:` line) for bad input."""
     args = parser().parse_args(argv)
     prompts = list(args.prompt)
-    try:
-        if args.prompts_file:
-            prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError("give at least one --prompt or a --prompts-file")
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        config = generation_config(
-            model,
-            mode=args.mode,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            num_beams=args.num_beams,
-            repetition_penalty=args.repetition_penalty,
-        )
-        set_seed(args.seed)
-        outputs = generate(model, tokenizer, prompts, config, stream=args.stream, chat=args.chat)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.prompts_file:
+        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise InputError("give at least one --prompt or a --prompts-file")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    config = generation_config(
+        model,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+    )
+    torch.manual_seed(args.seed)  # sampling uses torch's RNG; transformers.set_seed would import PEFT and the Trainer
+    outputs = generate(model, tokenizer, prompts, config, stream=args.stream, chat=args.chat)
     if not args.stream:
         for prompt, output in zip(prompts, outputs, strict=True):
             print(f"{prompt}{output}")

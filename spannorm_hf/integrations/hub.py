@@ -7,7 +7,6 @@ SpanNorm checkpoint. Out: `build_hub_folder` writes what a Hub repo needs (safet
 training checkpoints in the background without ever raising into the training loop.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -27,8 +26,10 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.configuration_utils import PreTrainedConfig
 
-from ..configuration_spannorm import SpanNormConfig
+from ..cli import ArgumentParser, InputError, command
+from ..configuration_spannorm import SCALED_SCHEMES, SpanNormConfig
 from ..modeling_spannorm import SpanNormForCausalLM
+from ..parameters import parameter_counts
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ TRAINING_DETAILS_FILE = "training_details.json"  # a flat JSON object; fine-tuni
 # What a checkpoint folder may hold that a Hub repo should not, unless asked (fnmatch patterns; `*` spans `/`).
 OPTIMIZER_STATE_PATTERNS = ["*optimizer*", "*scheduler*", "*scaler.pt", "*rng_state*", "*random_states*"]
 
+# The model card's sentence for each of the config's NORM_SCHEME_NAMES (prose; tests check that none is missing).
 SCHEME_DESCRIPTIONS = {
     "span": "SpanNorm, y = N(a x + Attn(x)), x' = N(a x + FFN(y)): the skip from the block input spans the whole "
     "block and the aggregated output is normalized (arXiv 2601.22580)",
@@ -56,11 +58,11 @@ def check_repo_id(repo_id: str) -> str:
     """A Hub repo id must be `namespace/name` here: a bare name would land in whichever account the token owns."""
     message = f"repo id {repo_id!r} must be 'namespace/name' (for example your-username/spannorm-small)"
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(message)
+        raise InputError(message)
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise ValueError(f"{message}: {error}") from None
+        raise InputError(f"{message}: {error}") from None
     return repo_id
 
 
@@ -82,15 +84,20 @@ def read_checkpoint_config(
         if not path.is_dir():
             raise NotADirectoryError(f"checkpoint {name!r} is a file; pass the folder that holds config.json")
         if not (path / "config.json").exists():
-            if (path / "adapter_config.json").exists():
-                raise ValueError(f"{name!r} is a LoRA adapter folder, not a model checkpoint")
+            from .adapters import is_adapter_folder  # adapters builds on this module
+
+            if is_adapter_folder(path):
+                raise InputError(
+                    f"{name!r} is a LoRA adapter folder, not a model checkpoint; merge it first "
+                    "(spannorm-finetune --model ADAPTER --merge DIR) or pass its base"
+                )
             raise FileNotFoundError(
                 f"checkpoint folder {name!r} has no config.json: not a saved model (see save_pretrained)"
             )
         try:
             config = json.loads((path / "config.json").read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON: {error}") from error
+            raise InputError(f"{str(path / 'config.json')!r} is not valid JSON: {error}") from error
     elif _is_repo_id(name):
         try:
             config, _ = PreTrainedConfig.get_config_dict(name, revision=revision, token=token)
@@ -102,7 +109,7 @@ def read_checkpoint_config(
         raise FileNotFoundError(f"checkpoint {name!r} not found: no such folder, and not a Hub id 'namespace/name'")
     model_type = config.get("model_type")
     if model_type != SpanNormConfig.model_type:
-        raise ValueError(
+        raise InputError(
             f"{name!r} is a {model_type!r} checkpoint, not a SpanNorm one "
             f"(its config.json must have model_type {SpanNormConfig.model_type!r})"
         )
@@ -182,19 +189,6 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike
         tokenizer.model_max_length = previous
 
 
-def parameter_counts(config: SpanNormConfig) -> tuple[int, int]:
-    """(total, active per token) parameters; each token runs `num_experts_per_tok` of `num_experts` experts.
-    The model is built on the meta device, so this costs no memory even for large presets."""
-    with torch.device("meta"):
-        model = SpanNormForCausalLM(config)
-    total = active = 0
-    for name, parameter in model.named_parameters():  # tied weights are listed once
-        total += parameter.numel()
-        routed = ".mlp.experts." in name
-        active += parameter.numel() * config.num_experts_per_tok // config.num_experts if routed else parameter.numel()
-    return total, active
-
-
 def _human(count: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
@@ -203,7 +197,7 @@ def _human(count: int) -> str:
 
 
 def eval_results_from_json(results: dict[str, Any]) -> list[EvalResult]:
-    """Model-index entries from `scripts/evaluate.py --output` JSON (perplexity and lm-eval metrics)."""
+    """Model-index entries from `spannorm-evaluate --output` JSON (perplexity and lm-eval metrics)."""
     entries = []
     ppl = results.get("perplexity")
     if ppl:
@@ -258,8 +252,8 @@ def render_model_card(
         model_name=name,
         eval_results=list(eval_results) or None,
     )
-    total, active = parameter_counts(config)
-    if config.norm_scheme in ("span", "deepnorm"):
+    counts = parameter_counts(config)
+    if config.norm_scheme in SCALED_SCHEMES:
         gain = "plain init" if config.branch_gain is None else f"{config.branch_gain:.4g}"
         skip_and_gain = f"{config.skip_scale:.4g} / {gain}"
     else:
@@ -289,8 +283,8 @@ def render_model_card(
         experts=experts,
         vocab_size=config.vocab_size,
         max_position_embeddings=config.max_position_embeddings,
-        total_params=_human(total),
-        active_params=_human(active),
+        total_params=_human(counts.total),
+        active_params=_human(counts.active),
         training_details={
             key: (", ".join(map(str, value)) or "none") if isinstance(value, (list, tuple)) else value
             for key, value in (training_details or {}).items()
@@ -451,14 +445,14 @@ def _read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{what} {str(path)!r} is not a readable JSON file: {error}") from error
+        raise InputError(f"{what} {str(path)!r} is not a readable JSON file: {error}") from error
     if not isinstance(value, dict):
-        raise ValueError(f"{what} {str(path)!r} must hold a JSON object, not {type(value).__name__}")
+        raise InputError(f"{what} {str(path)!r} must hold a JSON object, not {type(value).__name__}")
     return value
 
 
-def publish_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def publish_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         description="Build a Hub folder (weights, config + auto_map, remote code, tokenizer, model card) from a "
         "SpanNorm checkpoint folder and upload it."
     )
@@ -470,7 +464,7 @@ def publish_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help="where to build the Hub folder (default: MODEL-hub next to MODEL)")
     parser.add_argument("--license", default="apache-2.0", help="Hub license id for the card")
     parser.add_argument("--dataset", action="append", default=[], help="training dataset Hub id (repeatable)")
-    parser.add_argument("--eval-results", help="JSON written by scripts/evaluate.py --output (model-index)")
+    parser.add_argument("--eval-results", help="JSON written by spannorm-evaluate --output (model-index)")
     parser.add_argument(
         "--training-details", help=f"JSON object for the card's training table (default: MODEL/{TRAINING_DETAILS_FILE})"
     )
@@ -479,36 +473,33 @@ def publish_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def publish_main(argv: Sequence[str] | None = None) -> int:
-    """`scripts/publish.py`: 0 when uploaded, dry-run, or skipped for want of a token or a network; 1 when the
-    server refused the upload (its message is printed); 2 for bad input."""
+    """`spannorm-publish` / `scripts/publish.py`: 0 when uploaded, dry-run, or skipped for want of a token or a
+    network; 1 when the server refused the upload (its message is printed); 2 for bad input."""
     args = publish_parser().parse_args(argv)
-    try:
-        check_repo_id(args.repo_id)
-        model_dir = Path(args.model).expanduser().resolve()
-        details_path = Path(args.training_details or model_dir / TRAINING_DETAILS_FILE)
-        details = None
-        if args.training_details or details_path.exists():
-            details = _read_json_object(details_path, "--training-details")
-        evals = []
-        if args.eval_results:
-            evals = eval_results_from_json(_read_json_object(args.eval_results, "--eval-results"))
-        model, tokenizer = load_checkpoint(model_dir)
-        output = Path(args.output_dir) if args.output_dir else model_dir.with_name(model_dir.name + "-hub")
-        folder = build_hub_folder(
-            model,
-            tokenizer,
-            output,
-            args.repo_id,
-            max_shard_size=args.max_shard_size,
-            license=args.license,
-            datasets=args.dataset,
-            eval_results=evals,
-            training_details=details,
-        )
-    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    check_repo_id(args.repo_id)
+    model_dir = Path(args.model).expanduser().resolve()
+    details_path = Path(args.training_details or model_dir / TRAINING_DETAILS_FILE)
+    details = None
+    if args.training_details or details_path.exists():
+        details = _read_json_object(details_path, "--training-details")
+    evals = []
+    if args.eval_results:
+        evals = eval_results_from_json(_read_json_object(args.eval_results, "--eval-results"))
+    model, tokenizer = load_checkpoint(model_dir)
+    output = Path(args.output_dir) if args.output_dir else model_dir.with_name(model_dir.name + "-hub")
+    folder = build_hub_folder(
+        model,
+        tokenizer,
+        output,
+        args.repo_id,
+        max_shard_size=args.max_shard_size,
+        license=args.license,
+        datasets=args.dataset,
+        eval_results=evals,
+        training_details=details,
+    )
     listing = folder_listing(folder)
     target = f"{args.repo_id}@{args.revision or 'main'}" + (" (private)" if args.private else "")
     print(f"Hub folder: {folder}")

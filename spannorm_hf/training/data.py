@@ -34,6 +34,7 @@ from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..cli import InputError
 from .corpus import DEFAULT_CORPUS
 from .tokenizer import train_tokenizer
 
@@ -46,7 +47,7 @@ SCAN_CHUNK = 1 << 20  # bytes read at a time when checking a data file
 TOKENIZER_TRAIN_CHARS = 200_000_000  # enough text for a BPE vocabulary; more only costs time
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad training data, found before any work is done."""
 
 

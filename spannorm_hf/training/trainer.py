@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import warnings
@@ -35,13 +34,14 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
+from ..cli import ArgumentParser, InputError, command
 from ..configuration_spannorm import SpanNormConfig
 from ..integrations.hub import CheckpointPusher, check_repo_id
+from ..parameters import parameter_counts
 from .data import (
-    DataError,
     ShuffledRows,
     StreamRows,
     collate,
@@ -75,7 +75,7 @@ RESUME_IGNORED_FIELDS = {
 RESUME_WATCHED_ARGS = ("seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps", "seed")
 
 
-class SetupError(ValueError):
+class SetupError(InputError):
     """A bad argument, config, output directory or checkpoint, found before training starts."""
 
 
@@ -151,7 +151,7 @@ class TrainArguments:
 
 def parse_args(argv: list[str] | None = None) -> TrainArguments:
     """Command-line arguments (both --seq-len and --seq_len spellings work)."""
-    parser = HfArgumentParser(TrainArguments, description="Pretrain a SpanNorm model with Accelerate.")
+    parser = ArgumentParser(TrainArguments, description="Pretrain a SpanNorm model with Accelerate.")
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     return args
 
@@ -346,14 +346,6 @@ def make_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2))
-
-
-def parameter_counts(model: torch.nn.Module) -> dict:
-    """Total parameters and those held by this process (fewer under FSDP sharding)."""
-    params = list(model.parameters())
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
-    sharded = sum(hasattr(p, "to_local") for p in params)
-    return {"params_total": sum(p.numel() for p in params), "params_local": local, "params_sharded": sharded}
 
 
 def save_checkpoint(
@@ -562,7 +554,7 @@ def train(args: TrainArguments, accelerator: Accelerator | None = None) -> Train
         "train_rows": None if args.streaming else len(train_rows),
         "val_rows": len(val_rows) if val_rows is not None else 0,
         "resumed_from": str(checkpoint) if checkpoint else None,
-        **parameter_counts(model),
+        **parameter_counts(model).as_record(),
     }
     accelerator.log(setup, step=progress.step)
     accelerator.print(
@@ -682,12 +674,9 @@ def train(args: TrainArguments, accelerator: Accelerator | None = None) -> Train
     return TrainResult(progress.step, interrupted, output, checkpoint, model)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of scripts/train.py: a clear one-line error for bad input, 130 when stopped by a signal."""
-    try:
-        args = parse_args(argv)
-        result = train(args)
-    except (SetupError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """`spannorm-train` / scripts/train.py: 0 when done, 130 when stopped by a signal, 2 (one `error:` line) for
+    bad input."""
+    result = train(parse_args(argv))
     return 130 if result.interrupted else 0

@@ -1,0 +1,89 @@
+"""One convention for every command-line tool (`spannorm-train`, `-finetune`, `-generate`, `-evaluate`, `-publish`
+and their `scripts/*.py` wrappers):
+
+- options are declared on one parser class, `ArgumentParser` (transformers' `HfArgumentParser`, so training's
+  dataclass of options and the other tools' `add_argument` calls build the same kind of parser); every long
+  option answers to both spellings (`--max-new-tokens` and `--max_new_tokens`), `--help` shows the defaults, and
+  a float option must be a finite number (`--lr nan` is refused by name);
+- bad input is an `InputError` (or a missing / misplaced path: `FileNotFoundError`, `NotADirectoryError`,
+  `IsADirectoryError`, `FileExistsError`, `PermissionError`), reported by `command` as one line
+  `error: <what, which value, how to fix>` on stderr, exit code 2, no traceback. Anything else is a bug and keeps
+  its traceback.
+"""
+
+import argparse
+import functools
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from transformers import HfArgumentParser
+
+USAGE_ERROR = 2  # the exit code of bad input, as argparse uses it
+# Exceptions about a path the user gave; our own code raises them with a message naming the path.
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+
+
+class InputError(ValueError):
+    """Bad input from the user: a value, file or folder the command cannot use. The message says what is wrong,
+    with which value, and how to fix it. A `ValueError`, so library callers that catch `ValueError` still do."""
+
+
+def finite_float(text: str) -> float:
+    """argparse `type` for float options: a finite number (`nan` and `inf` would pass every `<`/`>` check)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+class ArgumentParser(HfArgumentParser):
+    """The parser of every spannorm CLI: dataclass fields (HfArgumentParser) or `add_argument` calls, both long
+    spellings of every option, finite floats, and `InputError` instead of argparse's usage-and-exit on bad input."""
+
+    def __init__(self, dataclass_types: Any = None, **kwargs: Any):
+        super().__init__(dataclass_types, **kwargs)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        if kwargs.get("type") is float:
+            kwargs["type"] = finite_float
+        spellings = list(names)
+        for name in names:
+            if name.startswith("--"):
+                for twin in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    if twin not in spellings:
+                        spellings.append(twin)
+        return super().add_argument(*spellings, **kwargs)
+
+    def parse_args_into_dataclasses(self, args: Sequence[str] | None = None, **kwargs: Any) -> tuple[Any, ...]:
+        """As HfArgumentParser's, but an unknown option is bad input (there: a `ValueError` with a traceback)."""
+        *outputs, remaining = super().parse_args_into_dataclasses(args, return_remaining_strings=True, **kwargs)
+        if remaining:
+            self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        return tuple(outputs)
+
+    def error(self, message: str) -> None:  # argparse's hook: it would print the usage and exit
+        raise InputError(f"{message} (see --help)")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (library messages, e.g. PEFT's, may span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+    """Wrap a CLI's `main(argv) -> exit code`: bad input becomes `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except (InputError, *PATH_ERRORS) as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return USAGE_ERROR
+
+    return run

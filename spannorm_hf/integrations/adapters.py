@@ -1,0 +1,97 @@
+"""LoRA adapter folders: recognising one, the fingerprint of the base it was trained on, and loading it onto its
+base. Generation and evaluation load adapters through this module without importing the fine-tuning code (PEFT
+itself is imported only when an adapter is loaded)."""
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..cli import InputError
+from .hub import load_checkpoint
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder a PEFT adapter
+ADAPTER_BASE_FILE = "spannorm_base.json"  # {"base": where, "fingerprint": base_fingerprint(base)}, written by finetune
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a local PEFT adapter folder (rather than a model checkpoint or a Hub id)."""
+    return (Path(path).expanduser() / ADAPTER_CONFIG_FILE).is_file()
+
+
+def adapter_base(adapter_dir: str | os.PathLike) -> str | None:
+    """The base model the adapter names (`base_model_name_or_path` of its adapter_config.json)."""
+    config_path = Path(adapter_dir).expanduser() / ADAPTER_CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(adapter_dir)!r} has no {ADAPTER_CONFIG_FILE}: not a PEFT adapter folder")
+    try:
+        return json.loads(config_path.read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise InputError(f"{str(config_path)!r} is not a JSON object: {error}; re-save the adapter") from error
+
+
+def base_fingerprint(model: PreTrainedModel) -> str:
+    """A cheap hash of a (plain, un-wrapped) model's weights: names, shapes and the first 256 values of every
+    tensor rounded to bf16, so an fp32 and a bf16 load of the same checkpoint agree and two checkpoints differ."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        head = tensor.detach().flatten()[:256].to("cpu", torch.bfloat16)
+        digest.update(head.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_adapter_base(adapter_dir: Path, base: str | os.PathLike, model: PreTrainedModel) -> None:
+    """Raise when the adapter's recorded base fingerprint differs from `model`'s; warn when it records none (an
+    adapter made elsewhere: only PEFT's shape checks stand between it and the wrong base)."""
+    record_path = adapter_dir / ADAPTER_BASE_FILE
+    if not record_path.is_file():
+        logger.warning(
+            "adapter %r has no %s: cannot check that %r is the base it was trained on (only the shapes are checked)",
+            str(adapter_dir),
+            ADAPTER_BASE_FILE,
+            str(base),
+        )
+        return
+    record = json.loads(record_path.read_text())
+    found = base_fingerprint(model)
+    if record["fingerprint"] != found:
+        raise InputError(
+            f"adapter {str(adapter_dir)!r} was trained on another base: it records {record['base']!r} with "
+            f"weight fingerprint {record['fingerprint'][:12]}, but {str(base)!r} has fingerprint {found[:12]}; "
+            "pass the base it was trained on (--model of the fine-tuning run)"
+        )
+
+
+def load_adapter(
+    adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto"
+) -> tuple["PeftModel", PreTrainedTokenizerBase]:
+    """The base named in the adapter folder (or `base`) with the adapter attached, in eval mode. Raises
+    `InputError` when the adapter was trained on another base (fingerprint or shapes differ)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir).expanduser()
+    base = base or adapter_base(adapter_dir)
+    if not base:
+        raise InputError(f"adapter {str(adapter_dir)!r} does not name its base model; pass the base explicitly")
+    model, tokenizer = load_checkpoint(base, dtype=dtype)
+    check_adapter_base(adapter_dir, base, model)
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    except (RuntimeError, ValueError, KeyError) as error:  # size mismatch, target modules missing in the base
+        raise InputError(
+            f"adapter {str(adapter_dir)!r} does not fit base {str(base)!r}: {error}; pass the base it was trained on"
+        ) from error
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    return model.eval(), tokenizer
