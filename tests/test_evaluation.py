@@ -84,9 +84,8 @@ def test_evaluate_script_writes_perplexity(checkpoint, loaded, tmp_path, monkeyp
     (tmp_path / "held_out.jsonl").write_text(json.dumps({"text": TEXT}) + "\n" + json.dumps({"text": TEXT}) + "\n")
     out = tmp_path / "results.json"
     argv = ["--model", str(checkpoint), "--text", str(tmp_path / "held_out.jsonl"), "--max-length", "32"]
-    assert (
-        run_script("evaluate_model.py", [*argv, "--stride", "8", "--device", "cpu", "--output", str(out)], monkeypatch) == 0
-    )
+    argv += ["--stride", "8", "--device", "cpu", "--output", str(out)]
+    assert run_script("evaluate_model.py", argv, monkeypatch) == 0
     report = json.loads(out.read_text())["perplexity"]
     expected = perplexity(model, tokenizer, TEXT + "\n\n" + TEXT, max_length=32, stride=8, dataset="held_out.jsonl")
     assert report["tokens"] == expected.tokens == len(tokenizer(TEXT + "\n\n" + TEXT)["input_ids"]) - 1
@@ -129,3 +128,22 @@ def test_lm_eval_scores_our_checkpoint_as_an_hf_client(checkpoint, loaded, monke
     with pytest.raises(ValueError, match="no_such_task"):
         run_lm_eval(checkpoint, ["no_such_task"], include_path=TASKS)
     assert set(PAPER_TASKS) <= set(task_manager(str(TASKS)).all_tasks)  # the names we pass through exist in lm-eval
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        ([], ["nothing to do: give --text"]),
+        (["--text", "missing.txt"], ["missing.txt' not found"]),
+        (["--text", "held_out.txt", "--stride", "0"], ["stride=0 must be in [1,", "(--stride)"]),
+        (["--tasks", "x", "--batch-size", "big"], ["--batch-size 'big' must be a positive whole number"]),
+        (["--text", "held_out.txt", "--max-length", "nan"], ["argument --max-length/--max_length: invalid int value: 'nan'"]),
+    ],
+)
+def test_evaluate_script_bad_input_is_one_line(checkpoint, tmp_path, monkeypatch, capsys, extra, fragments):
+    from test_cli import assert_one_error_line
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "held_out.txt").write_text(TEXT)
+    assert run_script("evaluate_model.py", ["--model", str(checkpoint), "--device", "cpu", *extra], monkeypatch) == 2
+    assert_one_error_line(capsys.readouterr().err, *fragments)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -169,7 +170,7 @@ def test_moe_lora_targets_fused_experts_via_the_script(tmp_path, monkeypatch):
         torch.testing.assert_close(merged(x).logits, adapted(x).logits, rtol=0, atol=1e-5)
 
 
-def test_adapter_for_another_base_is_rejected(dense, tmp_path):
+def test_adapter_for_another_base_is_rejected(dense, tmp_path, caplog):
     data = write_jsonl(tmp_path / "train.jsonl", INSTRUCTIONS[:4])
     adapter = finetune_lora(dense, data, tmp_path / "adapter", max_steps=1, rank=2, batch_size=4).adapter_dir
     retrained = save_tiny_checkpoint(tmp_path / "same-shape-other-weights", seed=1)
@@ -179,5 +180,41 @@ def test_adapter_for_another_base_is_rejected(dense, tmp_path):
     (adapter / ADAPTER_BASE_FILE).unlink()  # an adapter made elsewhere: only PEFT's shape checks remain
     with pytest.raises(ValueError, match="does not fit base"):
         load_adapter(adapter, base=wider)
+    with caplog.at_level(logging.WARNING, logger="spannorm_hf.integrations.adapters"):
+        load_adapter(adapter, base=retrained)  # same shapes: it loads, but not without a word
+    assert f"has no {ADAPTER_BASE_FILE}: cannot check that" in caplog.text and str(retrained) in caplog.text
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(dense)
+
+
+def test_finetune_script_bad_input_is_one_line_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    from test_cli import assert_one_error_line
+
+    def fails(argv: list[str], *fragments: str) -> None:
+        assert run_script("finetune_lora.py", argv, monkeypatch) == 2
+        captured = capsys.readouterr()
+        assert_one_error_line(captured.err, *fragments)
+
+    base = save_tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", INSTRUCTIONS[:4])
+    adapter = finetune_lora(base, data, tmp_path / "adapter", max_steps=1, rank=2, batch_size=4).adapter_dir
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    fails(["--model", str(adapter), "--merge", str(precious)], str(precious))  # --merge into a non-empty folder
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"] and (precious / "notes.txt").read_text() == "mine"
+    fails(["--model", str(base), "--merge", str(tmp_path / "m")], "is not a LoRA adapter folder", "give --data")
+    fails(["--model", str(base), "--data", str(data)], "--output is required with --data")
+    fails(["--model", str(base), "--data", str(data), "--output", str(tmp_path / "a"), "--lr", "nan"], "--lr")
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": f"q{i}", "response": ""} for i in range(4)])
+    fails(["--model", str(base), "--data", str(empty), "--output", str(tmp_path / "a")], "all 4 responses are empty")
+    save_tiny_checkpoint(base, seed=1)  # the base folder now holds other weights
+    fails(["--model", str(adapter), "--merge", str(tmp_path / "merged")], "was trained on another base")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists() and not (tmp_path / "merged").exists()
+
+
+def test_some_empty_responses_are_a_warning(tmp_path, caplog):
+    rows = [*INSTRUCTIONS[:3], {"prompt": "Say nothing.", "response": "  "}]
+    with caplog.at_level(logging.WARNING, logger="spannorm_hf.integrations.finetune"):
+        data = load_training_data(write_jsonl(tmp_path / "some-empty.jsonl", rows), tiny_tokenizer(), 64)
+    assert len(data) == 4 and "1 of 4 responses are empty" in caplog.text

@@ -179,3 +179,50 @@ def test_generate_script(checkpoint, loaded, monkeypatch, capsys, tmp_path):
     assert "beam" in capsys.readouterr().err
     assert run_script("generate.py", ["--model", str(tmp_path / "missing"), "--prompt", "x"], monkeypatch) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--prompt", ""], ["prompt 1 is empty", "give some text"]),
+        (["--prompt", "ok", "--prompt", "import os " * 60], ["prompt 2 has", "more than the model's context of 128"]),
+        (["--prompt", "ok", "--max-new-tokens", "200"], ["with max_new_tokens=200", "lower --max-new-tokens"]),
+        (["--prompt", "ok", "--temperature", "nan"], ["--temperature", "nan is not a finite number"]),
+        ([], ["give at least one --prompt or a --prompts-file"]),
+    ],
+)
+def test_generate_script_rejects_bad_prompts_in_one_line(checkpoint, monkeypatch, capsys, extra, fragments):
+    from test_cli import assert_one_error_line
+
+    argv = ["--model", str(checkpoint), "--device", "cpu", "--max-new-tokens", "8", *extra]
+    assert run_script("generate.py", argv, monkeypatch) == 2
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.err, *fragments)
+    assert captured.out == ""
+
+
+def test_a_prompt_that_fits_the_context_exactly_is_generated(loaded):
+    model, tokenizer = loaded
+    context = model.config.max_position_embeddings
+    prompt = " ".join(["import"] * 200)
+    ids = tokenizer(prompt)["input_ids"][: context - 4]
+    text = tokenizer.decode(ids)
+    assert len(tokenizer(text)["input_ids"]) == context - 4
+    (out,) = generate(model, tokenizer, [text], generation_config(model, max_new_tokens=4))
+    assert len(tokenizer(out)["input_ids"]) > 0
+    with pytest.raises(ValueError, match="more than the model's context"):
+        generate(model, tokenizer, [text], generation_config(model, max_new_tokens=5))
+
+
+def test_generation_imports_neither_fine_tuning_nor_peft():
+    """Generating text from a checkpoint loads no PEFT, datasets or Trainer (a fresh process: this one has them)."""
+    code = (
+        "import sys; import spannorm_hf.integrations.generation\n"
+        "print(sorted(m for m in ('peft', 'datasets', 'transformers.trainer', 'spannorm_hf.integrations.finetune')"
+        " if m in sys.modules))"
+    )
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

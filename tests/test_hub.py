@@ -278,3 +278,31 @@ def test_checkpoint_pusher_without_token_or_network_warns_once(tmp_path, hub_at,
     assert len(warnings) == 1 and "no Hugging Face token" in warnings[0]
     with pytest.raises(ValueError, match="namespace/name"):
         CheckpointPusher("run")  # a bad repo id stops the run before training starts
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["--repo-id", "alice/x"], ["the following arguments are required: --model"]),
+        (["--model", "MISSING", "--repo-id", "alice/x"], ["MISSING", "not found"]),
+        (["--model", "ADAPTER", "--repo-id", "alice/x"], ["is a LoRA adapter folder", "merge it first"]),
+        (["--model", "CKPT", "--repo-id", "x"], ["repo id 'x' must be 'namespace/name'"]),
+        (["--model", "CKPT", "--repo-id", "alice/x", "--eval-results", "NOT_JSON"], ["--eval-results", "not a read"]),
+    ],
+)
+def test_publish_bad_input_is_one_line(moe_checkpoint, tmp_path, monkeypatch, capsys, no_token, argv, fragments):
+    from test_cli import assert_one_error_line
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "bad.json").write_text("{oops")
+    paths = {
+        "MISSING": str(tmp_path / "MISSING"),
+        "ADAPTER": str(tmp_path / "adapter"),
+        "CKPT": str(moe_checkpoint),
+        "NOT_JSON": str(tmp_path / "bad.json"),
+    }
+    argv = [paths.get(a, a) for a in argv]
+    assert run_script("publish.py", [*argv, "--output-dir", str(tmp_path / "out"), "--dry-run"], monkeypatch) == 2
+    assert_one_error_line(capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "out").exists()

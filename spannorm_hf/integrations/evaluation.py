@@ -98,8 +98,8 @@ def perplexity(
     dataset: str = "text",
 ) -> Perplexity:
     """Sliding-window perplexity of `text`; max_length defaults to the model's context, stride to half of it."""
-    max_length = max_length or model.config.max_position_embeddings
-    stride = stride or max(1, max_length // 2)
+    max_length = model.config.max_position_embeddings if max_length is None else max_length
+    stride = max(1, max_length // 2) if stride is None else stride
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     total, count = sliding_window_nll(model, ids, max_length, stride)
     return Perplexity(dataset, math.exp(total / count), total / count, count, max_length, stride)
