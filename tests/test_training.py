@@ -246,22 +246,26 @@ def test_gradient_accumulation_gives_the_same_steps(files, tmp_path):
 @pytest.mark.parametrize(
     "option, value, tolerance",
     [
+        # the same forward recomputed in backward: only the order gradients are summed in may change (~1 ulp)
         ("activation_checkpointing", True, 1e-6),
+        # another kernel for the same attention (other summation order): fp32 rounding, grown over 3 updates
         ("attn_implementation", "eager", 1e-5),
+        # bf16 autocast: ~3 significant digits per matmul
         ("mixed_precision", "bf16", 0.05),
     ],
 )
 def test_runtime_options_train_the_same_model(files, tmp_path, option, value, tolerance):
-    """Recomputing activations, another attention kernel or bf16 autocast change speed, not the model."""
+    """Recomputing activations, another attention kernel or bf16 autocast change speed, not the model: the losses
+    agree within the rounding each option brings (bit-equality is not promised: it depends on the CPU's kernels)."""
     train(parse_args(argv(files, tmp_path / "base", max_steps=3, eval_every=3)))
     AcceleratorState._reset_state(True)
     train(parse_args(argv(files, tmp_path / "variant", max_steps=3, eval_every=3, **{option: value})))
-    if option == "mixed_precision":
-        assert next(r for r in records(tmp_path / "variant") if r.get("event") == "setup")["mixed_precision"] == "bf16"
     base, variant = losses(tmp_path / "base"), losses(tmp_path / "variant")
-    assert (variant != base) == (option == "mixed_precision")  # only bf16 changes the numbers at all
     assert base.keys() == variant.keys() == {1, 2, 3}
-    assert all(variant[s] == pytest.approx(base[s], abs=tolerance) for s in base)
+    assert all(variant[s] == pytest.approx(base[s], rel=0, abs=tolerance) for s in base)
+    if option == "mixed_precision":  # and bf16 did run: its rounding shows (~5e-5 here), above fp32's (~1e-6)
+        assert next(r for r in records(tmp_path / "variant") if r.get("event") == "setup")["mixed_precision"] == "bf16"
+        assert max(abs(variant[s] - base[s]) for s in base) > 1e-5
 
 
 def test_moe_aux_loss_is_logged_and_optimized(files, tmp_path):
@@ -272,8 +276,12 @@ def test_moe_aux_loss_is_logged_and_optimized(files, tmp_path):
     assert len(with_aux) == 3  # --max-tokens wins over --max-steps
     assert all(1.5 < r["aux_loss"] < 4 for r in with_aux)  # load balancing: ~num_experts_per_tok=2 when balanced
     without = losses(tmp_path / "noaux")
-    assert with_aux[0]["loss"] == without[1]  # same start: the logged loss is the LM part
-    assert with_aux[2]["loss"] != without[3]  # the aux term changed the updates: it is in the objective
+    # Same start: the logged loss is the LM part. With the aux term it is logged as (lm + coef * aux) - coef * aux in
+    # float32: the plain LM loss in exact arithmetic, off by the rounding of that sum and difference in float32, at
+    # most about one ulp of lm + coef * aux (< 16 here: 9.5e-7; measured 4.8e-7 on an Intel Xeon, 0 on AMD EPYC).
+    # 2e-6 allows two ulps; the aux term's own effect on the loss two steps later is 30 times larger (6e-5).
+    assert with_aux[0]["loss"] == pytest.approx(without[1], rel=0, abs=2e-6)
+    assert abs(with_aux[2]["loss"] - without[3]) > 2e-5  # the aux term changed the updates: it is in the objective
 
 
 def test_streaming_run_resumes_exactly_from_a_checkpoint(files, tmp_path):
