@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from ..cli import ArgumentParser, InputError, command
-from .adapters import ADAPTER_BASE_FILE, base_fingerprint, is_adapter_folder, load_adapter
+from .adapters import ADAPTER_BASE_FILE, ADAPTER_CONFIG_FILE, base_fingerprint, is_adapter_folder, load_adapter
 from .hub import TRAINING_DETAILS_FILE, atomic_output_dir, load_checkpoint
 from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (PROMPT_TEMPLATE: re-exported for callers)
 
@@ -287,7 +287,7 @@ def finetune_lora(
         "gradient_checkpointing": gradient_checkpointing,
         "final_train_loss": round(output.training_loss, 4),
     }
-    with atomic_output_dir(output_dir, owned_marker="adapter_config.json") as staging:
+    with atomic_output_dir(output_dir, owned_marker=ADAPTER_CONFIG_FILE) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         record = {"base": _base_reference(base), "fingerprint": fingerprint}
