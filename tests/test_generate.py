@@ -229,6 +229,7 @@ def test_a_prompt_that_fits_the_context_exactly_is_generated(loaded):
         generate(model, tokenizer, [text], generation_config(model, max_new_tokens=5))
 
 
+@pytest.mark.slow  # a fresh Python importing torch and transformers (~20 s on a busy 2-core machine)
 def test_generation_imports_neither_fine_tuning_nor_peft():
     """Generating text from a checkpoint loads no PEFT, datasets or Trainer (a fresh process: this one has them)."""
     code = (
