@@ -177,6 +177,9 @@ def test_adapter_for_another_base_is_rejected(dense, tmp_path, caplog):
     with pytest.raises(ValueError, match="trained on another base"):
         load_adapter(adapter, base=retrained)
     wider = save_tiny_checkpoint(tmp_path / "wider", hidden_size=48)
+    (adapter / ADAPTER_BASE_FILE).write_text("{truncated")
+    with pytest.raises(ValueError, match=f"{ADAPTER_BASE_FILE}' is not a base record"):
+        load_adapter(adapter, base=dense)
     (adapter / ADAPTER_BASE_FILE).unlink()  # an adapter made elsewhere: only PEFT's shape checks remain
     with pytest.raises(ValueError, match="does not fit base"):
         load_adapter(adapter, base=wider)

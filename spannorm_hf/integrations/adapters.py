@@ -63,12 +63,19 @@ def check_adapter_base(adapter_dir: Path, base: str | os.PathLike, model: PreTra
             str(base),
         )
         return
-    record = json.loads(record_path.read_text())
-    found = base_fingerprint(model)
-    if record["fingerprint"] != found:
+    try:
+        record = json.loads(record_path.read_text())
+        recorded = record["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise InputError(
-            f"adapter {str(adapter_dir)!r} was trained on another base: it records {record['base']!r} with "
-            f"weight fingerprint {record['fingerprint'][:12]}, but {str(base)!r} has fingerprint {found[:12]}; "
+            f"{str(record_path)!r} is not a base record ({type(error).__name__}: {error}); re-save the adapter, or "
+            "delete the file to load it with shape checks only"
+        ) from error
+    found = base_fingerprint(model)
+    if recorded != found:
+        raise InputError(
+            f"adapter {str(adapter_dir)!r} was trained on another base: it records {record.get('base')!r} with "
+            f"weight fingerprint {recorded[:12]}, but {str(base)!r} has fingerprint {found[:12]}; "
             "pass the base it was trained on (--model of the fine-tuning run)"
         )
 
