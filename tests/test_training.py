@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.tokenizer import train_tokenizer
 from spannorm_hf.training.trainer import main, parse_args, train
 
-from conftest import moe_config, tiny_config
+from conftest import moe_config, snapshot, tiny_config
 from fake_hub import closed_port_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,6 +362,32 @@ def test_bad_resume_fails_before_touching_the_run(files, tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"changed arguments \(checkpoint, now\): \{'lr': \(0.003, 0.001\)\}"):
         assert main([*argv(files, out, max_steps=2, lr=1e-3), "--resume", "latest"]) == 0
     assert checkpoint_names(out) == before[0]
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(files, tmp_path, capsys):
+    """A finished run whose checkpoints were removed: a new run into it (with or without --resume latest) is refused
+    before anything is written; --overwrite starts over, replacing only the files training writes."""
+    out = tmp_path / "run"
+    train(parse_args(argv(files, out, max_steps=2, save_every=2, eval_every=2)))
+    AcceleratorState._reset_state(True)
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    assert main(argv(files, out, max_steps=2)) == 2
+    assert "holds an earlier run (config.json, configuration_spannorm.py," in capsys.readouterr().err
+    assert main([*argv(files, out, max_steps=2), "--resume", "latest"]) == 2
+    assert "with no checkpoint to resume from: choose a new --output, or pass --overwrite" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(argv(files, tmp_path / "mine")) == 2  # a folder training did not create
+    assert "is not empty (notes.txt) and was not created by this command" in capsys.readouterr().err
+    assert snapshot(out) == before and snapshot(tmp_path / "mine") == {"notes.txt": b"keep"}
+
+    (out / "notes.txt").write_text("keep")
+    AcceleratorState._reset_state(True)
+    assert main([*argv(files, out, max_steps=3, save_every=3, eval_every=3), "--overwrite"]) == 0
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]  # the old records are gone, not mixed in
+    assert len([r for r in records(out) if r.get("event") == "setup"]) == 1
+    assert (out / "notes.txt").read_text() == "keep" and checkpoint_names(out) == ["step-00000003"]
 
 
 def test_push_to_hub_uploads_each_checkpoint_and_the_final_model(files, tmp_path, hub_at, fake_hub):

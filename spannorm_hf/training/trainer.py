@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from transformers.utils import is_flash_attn_2_available
 
 from ..configuration_spannorm import SpanNormConfig
+from ..files import OUTPUT_MARKER, OutputDirError, check_output_dir, claim_output_dir
 from ..integrations.hub import CheckpointPusher, check_repo_id
 from .data import (
     DataError,
@@ -125,6 +126,13 @@ class TrainArguments:
     save_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
     keep_last: int = field(default=3, metadata={"help": "checkpoints kept"})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint directory"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "start a new run in an --output that holds an earlier run or files this command did not write "
+            "(only the files training writes are replaced: metrics, tensorboard events, checkpoints, the model)"
+        },
+    )
     push_to_hub: str | None = field(
         default=None,
         metadata={"help": "Hub repo (namespace/name): each checkpoint's model goes to a branch, the final to main"},
@@ -263,16 +271,37 @@ def load_config(args: TrainArguments) -> SpanNormConfig:
     return config
 
 
-def prepare_output_dir(output: str) -> Path:
-    """Create the run directory and prove it is writable, before any work."""
-    path = Path(output)
+def check_output(args: TrainArguments) -> Path:
+    """The run directory must be new, empty or a training run (`spannorm_hf.files`), unless --overwrite; read-only."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+        return check_output_dir(args.output, "training-run", flag="--output", overwrite=args.overwrite)
+    except OutputDirError as err:
+        raise SetupError(str(err)) from err
+
+
+def claim_output(output: Path, overwrite: bool, fresh: bool) -> None:
+    """Create and mark the run directory and prove it is writable (main process, after every check). A fresh run
+    with --overwrite first removes what an earlier run wrote there (only the files training writes)."""
+    try:
+        claim_output_dir(output, "training-run", flag="--output", overwrite=overwrite)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise SetupError(f"output directory {output!r} is not writable: {err}") from err
-    return path
+        raise SetupError(f"output directory {str(output)!r} is not writable: {err}") from err
+    if fresh and overwrite:
+        (output / "metrics.jsonl").unlink(missing_ok=True)
+        for events in (output / "tensorboard").glob("**/events.out.tfevents.*"):
+            events.unlink()
+        for stale in [*list_checkpoints(output), output / HUB_UPLOADS]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def earlier_run_files(output: Path) -> list[str]:
+    """What an earlier run left in `output` (everything but the ownership marker and empty folders)."""
+    if not output.is_dir():
+        return []
+    empty = [p for p in output.iterdir() if p.is_dir() and not any(p.iterdir())]
+    return sorted(p.name for p in output.iterdir() if p.name != OUTPUT_MARKER and p not in empty)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -286,17 +315,25 @@ def list_checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def find_resume_checkpoint(resume: str | None, output: Path) -> Path | None:
+def find_resume_checkpoint(resume: str | None, output: Path, overwrite: bool = False) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; a fresh run never starts over an earlier one
+    unless --overwrite."""
     existing = list_checkpoints(output)
-    if resume is None:
-        if existing:
+    if resume is None and existing and not overwrite:
+        raise SetupError(
+            f"{output} already holds checkpoints (latest {existing[-1].name}); pass --resume latest to continue "
+            "that run, --overwrite to start a new one over it, or choose a new --output"
+        )
+    if resume is None or (resume == "latest" and not existing):
+        leftovers = earlier_run_files(output)
+        if leftovers and not overwrite:
             raise SetupError(
-                f"{output} already holds checkpoints (latest {existing[-1].name}); "
-                "pass --resume latest to continue that run, or choose a new --output"
+                f"--output {str(output)!r} holds an earlier run ({', '.join(leftovers[:5])}) with no checkpoint to "
+                "resume from: choose a new --output, or pass --overwrite to replace the files training writes"
             )
         return None
     if resume == "latest":
-        return existing[-1] if existing else None
+        return existing[-1]
     path = Path(resume)
     if not (path / "train_state.json").is_file():
         raise SetupError(f"--resume {resume!r} is not a checkpoint directory (no train_state.json)")
@@ -491,8 +528,8 @@ def _prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, 
 def train(args: TrainArguments, accelerator: Accelerator | None = None) -> TrainResult:
     """Run (or resume) pretraining as described by `args`; `accelerator` defaults to `build_accelerator(args)`."""
     config = load_config(args)
-    output = prepare_output_dir(args.output)
-    checkpoint = find_resume_checkpoint(args.resume, output)
+    output = check_output(args)
+    checkpoint = find_resume_checkpoint(args.resume, output, args.overwrite)
     saved_state = check_resume_compatible(checkpoint, config, args) if checkpoint else None
     accelerator = accelerator or build_accelerator(args)
     world = accelerator.num_processes
@@ -506,9 +543,12 @@ def train(args: TrainArguments, accelerator: Accelerator | None = None) -> Train
             raise SetupError(str(err)) from err
     if saved_state and args.streaming and saved_state["num_processes"] != world:
         raise SetupError(f"cannot resume a streaming run of {saved_state['num_processes']} processes on {world}")
+    accelerator.wait_for_everyone()  # every process has checked the output directory before it is claimed
     if accelerator.is_main_process:
+        claim_output(output, args.overwrite, fresh=checkpoint is None)
         for leftover in (output / CHECKPOINTS).glob(".*-step-*"):  # from a run killed while saving
             shutil.rmtree(leftover)
+    accelerator.wait_for_everyone()
 
     tokenizer, train_rows, val_rows = _prepare_data(args, accelerator, output, checkpoint, config)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
