@@ -18,6 +18,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from test_hub import CODE_FILES
 
+from spannorm_hf.training.checkpointing import write_manifest
 from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.tokenizer import train_tokenizer
 from spannorm_hf.training.trainer import main, parse_args, train
@@ -388,6 +389,72 @@ def test_a_new_run_never_overwrites_an_earlier_one(files, tmp_path, capsys):
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]  # the old records are gone, not mixed in
     assert len([r for r in records(out) if r.get("event") == "setup"]) == 1
     assert (out / "notes.txt").read_text() == "keep" and checkpoint_names(out) == ["step-00000003"]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(files, tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4; tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("two-checkpoints") / "run"
+    with clean_accelerate_state():
+        train(parse_args(argv(files, out, max_steps=4, save_every=2, eval_every=2)))
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+class PlantedPayload:
+    """Unpickling this creates the file `path`: what a malicious checkpoint could run instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_resuming_never_unpickles_a_planted_payload(files, two_checkpoints, tmp_path, capsys):
+    """A checkpoint handed over by someone else, with pickles planted where accelerate's format kept its
+    scheduler and step counter, or in place of the optimizer state, and a manifest made to match: resuming refuses
+    it, naming the file, and the payload never runs."""
+    out = copy_run(two_checkpoints, tmp_path)
+    checkpoint = out / "checkpoints" / "step-00000004"
+    ran = tmp_path / "payload-ran"
+    torch.save(PlantedPayload(ran), checkpoint / "custom_checkpoint_0.pkl")
+    write_manifest(checkpoint)  # the attacker controls the whole folder
+    AcceleratorState._reset_state(True)
+    assert main([*argv(files, out, max_steps=6), "--resume", str(checkpoint)]) == 2
+    assert f"error: --resume {str(checkpoint)!r}: {checkpoint / 'custom_checkpoint_0.pkl'} is a pickle-format" in (
+        capsys.readouterr().err
+    )
+    (checkpoint / "custom_checkpoint_0.pkl").unlink()
+    torch.save(PlantedPayload(ran), checkpoint / "optimizer.safetensors")
+    write_manifest(checkpoint)
+    AcceleratorState._reset_state(True)
+    assert main([*argv(files, out, max_steps=6), "--resume", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {checkpoint / 'optimizer.safetensors'} is not a readable safetensors file" in err
+    assert "Traceback" not in err and not ran.exists()
+
+
+def test_a_corrupt_checkpoint_is_named_and_skipped(files, two_checkpoints, tmp_path, capsys):
+    """A truncated file in the newest checkpoint: --resume latest falls back to the previous checkpoint, says
+    which one it skipped and why, and repeats the run's steps exactly; --resume PATH to it is an error naming it."""
+    out = copy_run(two_checkpoints, tmp_path)
+    reference = losses(out)
+    newest = out / "checkpoints" / "step-00000004"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main([*argv(files, out, max_steps=4), "--resume", str(newest)]) == 2
+    assert f"error: --resume {str(newest)!r}: {weights} is truncated or changed: 1000 bytes" in capsys.readouterr().err
+    AcceleratorState._reset_state(True)
+    skipped = rf"skipping checkpoint step-00000004: {weights} is truncated or changed: 1000 bytes"
+    with pytest.warns(UserWarning, match=skipped):
+        result = train(parse_args([*argv(files, out, max_steps=4), "--resume", "latest"]))
+    resumed = [r["resumed_from"] for r in records(out) if r.get("event") == "setup"]
+    assert result.step == 4 and resumed[-1].endswith("step-00000002")
+    assert losses(out) == reference  # steps 3 and 4 again, bit for bit
 
 
 def test_push_to_hub_uploads_each_checkpoint_and_the_final_model(files, tmp_path, hub_at, fake_hub):

@@ -9,10 +9,11 @@ Design choices that make runs exact and safe:
   train on the same numbers whatever the split. MoE layers add `router_aux_loss_coef * aux_loss` (the mean
   over micro-batches), and both parts are logged.
 - Which rows a step reads is a function of the step (see `data.ShuffledRows`); checkpoints hold the model,
-  optimizer, scheduler, step counter and every process's RNG state (`accelerator.save_state`), so resuming
-  repeats the uninterrupted run step for step.
-- Checkpoints are written to a temporary directory and renamed into place: a killed run never leaves a
-  half-written `step-*` directory. SIGINT / SIGTERM stop at the next step boundary with a checkpoint.
+  optimizer, scheduler, step counter and every process's RNG state in safetensors and JSON (`checkpointing`:
+  nothing is ever unpickled), so resuming repeats the uninterrupted run step for step.
+- Checkpoints are written to a temporary directory, sealed with a manifest (sizes, sha256) and renamed into
+  place: a killed run never leaves a half-written `step-*` directory, and `--resume latest` skips, naming it, a
+  checkpoint whose files no longer match. SIGINT / SIGTERM stop at the next step boundary with a checkpoint.
 - Every bad input is checked before the first step (and before anything is written besides the output dir).
 """
 
@@ -39,8 +40,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from transformers.utils import is_flash_attn_2_available
 
 from ..configuration_spannorm import SpanNormConfig
-from ..files import OUTPUT_MARKER, OutputDirError, check_output_dir, claim_output_dir
+from ..files import OUTPUT_MARKER, DiskFullError, OutputDirError, check_output_dir, claim_output_dir, naming_disk_full
 from ..integrations.hub import CheckpointPusher, check_repo_id
+from .checkpointing import (
+    MANIFEST,
+    TRAIN_STATE,
+    CheckpointError,
+    load_model_and_optimizer,
+    load_process_state,
+    read_json,
+    save_model_and_optimizer,
+    save_process_state,
+    verify_checkpoint,
+    write_manifest,
+)
 from .data import (
     DataError,
     ShuffledRows,
@@ -333,11 +346,15 @@ def find_resume_checkpoint(resume: str | None, output: Path, overwrite: bool = F
             )
         return None
     if resume == "latest":
-        return existing[-1]
+        return latest_valid_checkpoint(existing)
     path = Path(resume)
-    if not (path / "train_state.json").is_file():
-        raise SetupError(f"--resume {resume!r} is not a checkpoint directory (no train_state.json)")
-    newer = [p.name for p in existing if checkpoint_step(p) > checkpoint_step(path)]
+    if not (path / TRAIN_STATE).is_file() and not (path / MANIFEST).is_file():
+        raise SetupError(f"--resume {resume!r} is not a checkpoint directory (no {TRAIN_STATE})")
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as err:
+        raise SetupError(f"--resume {resume!r}: {err}") from err
+    newer = [p.name for p in existing if p.name > path.name]
     if path.resolve().parent == (output / CHECKPOINTS).resolve() and newer:
         raise SetupError(
             f"--resume {resume!r}: {output} holds newer checkpoints {newer}; delete them or use a new --output"
@@ -345,19 +362,39 @@ def find_resume_checkpoint(resume: str | None, output: Path, overwrite: bool = F
     return path
 
 
+def latest_valid_checkpoint(existing: list[Path]) -> Path:
+    """The newest checkpoint whose manifest verifies; each newer one is skipped with a warning saying why."""
+    problems = []
+    for path in reversed(existing):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            warnings.warn(f"--resume latest: skipping checkpoint {path.name}: {err}", stacklevel=3)
+            problems.append(f"{path.name}: {err}")
+            continue
+        return path
+    raise SetupError(f"--resume latest: no usable checkpoint in {existing[0].parent} ({'; '.join(problems)})")
+
+
 def check_resume_compatible(checkpoint: Path, config: SpanNormConfig, args: TrainArguments) -> dict:
     """Raise if the checkpoint's model or tokenizer differs; warn if arguments that change what the resumed steps
     compute differ. Returns the checkpoint's train_state.json."""
-    saved, current = SpanNormConfig.from_json_file(checkpoint / "config.json").to_dict(), config.to_dict()
+    try:
+        saved, current = SpanNormConfig.from_json_file(checkpoint / "config.json").to_dict(), config.to_dict()
+    except (OSError, ValueError) as err:
+        raise SetupError(f"cannot resume: {checkpoint / 'config.json'} is not a valid config: {err}") from err
     keys = (saved.keys() | current.keys()) - RESUME_IGNORED_FIELDS
     diff = {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs --config {b!r}" for k, (a, b) in diff.items())
         raise SetupError(f"cannot resume {checkpoint}: the model config differs ({lines})")
-    state = json.loads((checkpoint / "train_state.json").read_text())
-    changed = {
-        k: (state["args"][k], getattr(args, k)) for k in RESUME_WATCHED_ARGS if state["args"][k] != getattr(args, k)
-    }
+    state = read_json(checkpoint / TRAIN_STATE)
+    try:
+        changed = {
+            k: (state["args"][k], getattr(args, k)) for k in RESUME_WATCHED_ARGS if state["args"][k] != getattr(args, k)
+        }
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{checkpoint / TRAIN_STATE} is not a valid training state: {err}") from err
     if changed:
         warnings.warn(f"resuming {checkpoint} with changed arguments (checkpoint, now): {changed}", stacklevel=2)
     if args.tokenizer is not None:
@@ -398,27 +435,41 @@ def save_checkpoint(
     output: Path,
     step: int,
     keep_last: int,
+    state: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
     config: SpanNormConfig,
     tokenizer,
-    train_state: dict,
     stream: StreamRows | None,
 ) -> Path:
-    """`accelerator.save_state` into a temporary directory, renamed into place once complete."""
+    """Write the training state (see `checkpointing`) into a temporary directory, add the manifest last, and
+    rename it into place once complete. `state` is train_state.json (scheduler, step, tokens, arguments)."""
     root = output / CHECKPOINTS
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if stream is not None:
-        state_file = tmp / f"stream_state_{accelerator.process_index}.json"
-        state_file.write_text(json.dumps(stream.state_dict()))
-    if accelerator.is_main_process:
-        config.to_json_file(tmp / "config.json")
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=2))
-    accelerator.wait_for_everyone()
+    try:
+        save_model_and_optimizer(accelerator, model, optimizer, tmp)
+        save_process_state(tmp, accelerator.process_index)
+        if stream is not None:
+            state_file = tmp / f"stream_state_{accelerator.process_index}.json"
+            with naming_disk_full(state_file):
+                state_file.write_text(json.dumps(stream.state_dict()))
+        if accelerator.is_main_process:
+            with naming_disk_full(tmp / "config.json"):
+                config.to_json_file(tmp / "config.json")
+            with naming_disk_full(tmp / "tokenizer"):
+                tokenizer.save_pretrained(tmp / "tokenizer")
+            with naming_disk_full(tmp / TRAIN_STATE):
+                (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (e.g. a full disk) leaves the older checkpoints alone
+        raise
     if accelerator.is_main_process:
         if final.exists():
             stale = root / f".old-step-{step:08d}"
@@ -429,6 +480,31 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(
+    accelerator: Accelerator,
+    checkpoint: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    progress: "TrainProgress",
+    stream: StreamRows | None,
+) -> None:
+    """Restore what `save_checkpoint` wrote; never unpickles (see `checkpointing`)."""
+    load_model_and_optimizer(accelerator, model, optimizer, checkpoint)
+    state = read_json(checkpoint / TRAIN_STATE)
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+        progress.load_state_dict(state)
+        if accelerator.scaler is not None and state.get("scaler") is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint / TRAIN_STATE} is not a valid training state: {err}") from err
+    load_process_state(checkpoint, accelerator.process_index)
+    if stream is not None:
+        path = checkpoint / f"stream_state_{accelerator.process_index}.json"
+        stream.load_state_dict(read_json(path))
 
 
 def export_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, output: Path) -> None:
@@ -568,15 +644,10 @@ def train(args: TrainArguments, accelerator: Accelerator | None = None) -> Train
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     progress = TrainProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
     stream = StreamRows(train_rows, accelerator.process_index, world) if args.streaming else None
     rows = None if args.streaming else ShuffledRows(train_rows, args.seed)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        if stream is not None:
-            stream.load_state_dict(
-                json.loads((checkpoint / f"stream_state_{accelerator.process_index}.json").read_text())
-            )
+        load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler, progress, stream)
     if accelerator.is_main_process:  # records past our starting step belong to a run that died after them
         truncate_metrics(output, progress.step)
     unwrapped = accelerator.unwrap_model(model)
@@ -620,8 +691,14 @@ def train(args: TrainArguments, accelerator: Accelerator | None = None) -> Train
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     def checkpoint_now() -> Path:
+        state = {
+            **train_state,
+            **progress.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        }
         return save_checkpoint(
-            accelerator, output, progress.step, args.keep_last, config, tokenizer, train_state, stream
+            accelerator, output, progress.step, args.keep_last, state, model, optimizer, config, tokenizer, stream
         )
 
     last_saved = progress.step if checkpoint else None
@@ -727,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         result = train(args)
-    except (SetupError, DataError) as err:
+    except (SetupError, DataError, CheckpointError, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 130 if result.interrupted else 0
