@@ -457,6 +457,59 @@ def test_a_corrupt_checkpoint_is_named_and_skipped(files, two_checkpoints, tmp_p
     assert losses(out) == reference  # steps 3 and 4 again, bit for bit
 
 
+def test_a_torn_last_metrics_line_is_dropped_on_resume(files, two_checkpoints, tmp_path):
+    """What a full disk or a power cut mid-append leaves: half a JSON line. Resuming drops it with a warning."""
+    out = copy_run(two_checkpoints, tmp_path)
+    complete = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(complete + '{"step": 4, "loss": 5.1')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropping the torn last line \d+ \('\{\"step\": 4, \"loss"):
+        result = train(parse_args([*argv(files, out, max_steps=4), "--resume", "latest"]))
+    before = [json.loads(line) for line in complete.splitlines()]
+    after = records(out)  # every line parses: the torn one is gone, the resumed run's records follow
+    assert result.step == 4 and after[: len(before)] == before
+    assert [r.get("event") for r in after[len(before) :]] == ["config", "setup"]
+
+
+@contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of `size` mounted at `path` (root only)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount privileges): {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` until `leave` bytes are free."""
+    filler = disk / "filler"
+    free = shutil.disk_usage(disk).free
+    filler.write_bytes(b"\0" * max(free - leave, 0))
+    return filler
+
+
+def test_a_full_disk_is_named_and_the_run_resumes_once_space_is_freed(files, two_checkpoints, tmp_path, capsys):
+    """The disk fills up while a checkpoint is written: one line naming the file, exit 2, the earlier checkpoints
+    intact, no half-written checkpoint left; once space is freed, --resume latest repeats the run exactly."""
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        out = disk / "run"
+        train(parse_args(argv(files, out, max_steps=2, save_every=2, eval_every=2)))
+        filler = fill(disk, leave=300_000)  # room for metrics and the model, not for the optimizer state
+        AcceleratorState._reset_state(True)
+        assert main([*argv(files, out, max_steps=4, save_every=2, eval_every=2), "--resume", "latest"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert f"error: no space left on device while writing {out / 'checkpoints' / '.tmp-step-00000004'}" in err
+        assert checkpoint_names(out) == ["step-00000002"]  # the half-written one was removed, the older one kept
+        filler.unlink()
+        AcceleratorState._reset_state(True)
+        assert main([*argv(files, out, max_steps=4, save_every=2, eval_every=2), "--resume", "latest"]) == 0
+        assert losses(out) == losses(two_checkpoints)  # the same four steps as a run that never ran out of space
+
+
 def test_push_to_hub_uploads_each_checkpoint_and_the_final_model(files, tmp_path, hub_at, fake_hub):
     """One commit per checkpoint (its own branch), the final model on main; model files only, no optimizer."""
     hub_at(fake_hub.url)

@@ -40,7 +40,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from transformers.utils import is_flash_attn_2_available
 
 from ..configuration_spannorm import SpanNormConfig
-from ..files import OUTPUT_MARKER, DiskFullError, OutputDirError, check_output_dir, claim_output_dir, naming_disk_full
+from ..files import (
+    OUTPUT_MARKER,
+    DiskFullError,
+    OutputDirError,
+    atomic_write_text,
+    check_output_dir,
+    claim_output_dir,
+    is_disk_full,
+    naming_disk_full,
+)
 from ..integrations.hub import CheckpointPusher, check_repo_id
 from .checkpointing import (
     MANIFEST,
@@ -202,8 +211,9 @@ class JSONLTracker(GeneralTracker):
         self._write({"step": step, **values})
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with naming_disk_full(self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def finish(self):
         if self.file is not None:
@@ -514,8 +524,14 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, ou
     if accelerator.is_main_process:
         tmp = output / ".tmp-export"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
-        finish_export(tmp, tokenizer, Path(accelerator.project_dir or output) / METRICS_FILE)  # + card details
+        try:
+            with naming_disk_full(tmp / "model.safetensors"):
+                unwrapped = accelerator.unwrap_model(model)
+                unwrapped.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
+                finish_export(tmp, tokenizer, Path(accelerator.project_dir or output) / METRICS_FILE)  # + card details
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
         for name in names:
             os.replace(tmp / name, output / name)
@@ -543,14 +559,26 @@ def push_model(accelerator: Accelerator, model, tokenizer, output: Path, step: i
 
 
 def truncate_metrics(output: Path, step: int) -> None:
-    """Drop metric records past `step` (a killed run may have logged beyond its last checkpoint)."""
+    """Drop metric records past `step` (a killed run may have logged beyond its last checkpoint). A torn last
+    line (the disk filled up or the machine died mid-append) is dropped with a warning; a broken line before it
+    is an error naming the line."""
     path = output / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if (json.loads(line).get("step") or 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            if number < len(lines):
+                raise SetupError(f"{path} line {number} is not JSON ({err}); repair or delete that line") from err
+            warnings.warn(f"{path}: dropping the torn last line {number} ({line[:60]!r})", stacklevel=2)
+            continue
+        if (record.get("step") or 0) <= step:
+            kept.append(line)
+    with naming_disk_full(path):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 @torch.no_grad()
@@ -587,7 +615,8 @@ def _prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, 
     else:  # train once, on the main process; the others load the saved result
         if accelerator.is_main_process:
             tokenizer = load_or_train_tokenizer(None, train_docs, config.vocab_size)
-            tokenizer.save_pretrained(output)  # the export writes the same files there at the end
+            with naming_disk_full(output / "tokenizer.json"):
+                tokenizer.save_pretrained(output)  # the export writes the same files there at the end
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             tokenizer = AutoTokenizer.from_pretrained(output)
@@ -801,10 +830,16 @@ def train(args: TrainArguments, accelerator: Accelerator | None = None) -> Train
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of scripts/train.py: a clear one-line error for bad input, 130 when stopped by a signal."""
+    args = None
     try:
         args = parse_args(argv)
         result = train(args)
     except (SetupError, DataError, CheckpointError, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk reported by a writer we do not wrap (e.g. TensorBoard's)
+        if not is_disk_full(err):
+            raise
+        print(f"error: {DiskFullError(args.output if args else 'the output directory')}: {err}", file=sys.stderr)
         return 2
     return 130 if result.interrupted else 0
