@@ -18,10 +18,11 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from test_hub import CODE_FILES
 
+from spannorm_hf.files import OUTPUT_MARKER
 from spannorm_hf.training.checkpointing import write_manifest
 from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.tokenizer import train_tokenizer
-from spannorm_hf.training.trainer import main, parse_args, train
+from spannorm_hf.training.trainer import load_config, main, parse_args, train
 
 from conftest import moe_config, snapshot, tiny_config
 from fake_hub import closed_port_url
@@ -306,6 +307,13 @@ def _bad_input(files: Path, tmp_path: Path, case: str) -> tuple[list[str], str]:
     if case == "unwritable output":
         (tmp_path / "a-file").write_text("x")
         return argv(files, tmp_path / "a-file" / "run"), "is not writable"
+    if case in ("lr nan", "lr inf", "lr zero"):
+        value = {"lr nan": "nan", "lr inf": "inf", "lr zero": "0"}[case]
+        return argv(files, out, lr=value), "--lr must be"
+    if case == "unknown activation":
+        config = json.loads((files / "dense.json").read_text())
+        (tmp_path / "bad.json").write_text(json.dumps({**config, "hidden_act": "nope"}))
+        return argv(files, out, config=str(tmp_path / "bad.json"), tokenizer=None), "hidden_act 'nope' is not an"
     if case == "bad option":
         return argv(files, out, batch_size=0), "--batch-size must be >= 1, got 0"
     if case == "no flash-attn":
@@ -323,13 +331,33 @@ def _bad_input(files: Path, tmp_path: Path, case: str) -> tuple[list[str], str]:
         "unwritable output",
         "bad option",
         "no flash-attn",
+        "lr nan",
+        "lr inf",
+        "lr zero",
+        "unknown activation",
     ],
 )
 def test_bad_input_fails_early_with_a_clear_message(files, tmp_path, capsys, case):
     args, message = _bad_input(files, tmp_path, case)
     assert main(args) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")  # one line
+    out = tmp_path / "out"
+    if case in ("missing file", "empty file", "binary file"):  # found while reading data: a marked, empty folder
+        assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER]
+    else:  # found before anything is written: not even the folder
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configuration").glob("*.json")))
+def test_the_defaults_fit_every_shipped_preset(preset, tmp_path):
+    """`--config PRESET` alone must not conflict with the preset: the context is the config's unless told."""
+    path = str(ROOT / "configuration" / preset)
+    args = parse_args(["--config", path, "--output", str(tmp_path / "run")])
+    assert args.seq_len is None and load_config(args).max_position_embeddings == args.seq_len
+    told = parse_args(["--config", path, "--output", str(tmp_path / "run"), "--seq-len", "64"])
+    load_config(told)
+    assert told.seq_len == 64
 
 
 def test_bad_resume_fails_before_touching_the_run(files, tmp_path, capsys):

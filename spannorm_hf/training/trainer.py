@@ -37,6 +37,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, get_scheduler
+from transformers.activations import ACT2FN
 from transformers.utils import is_flash_attn_2_available
 
 from ..configuration_spannorm import SpanNormConfig
@@ -116,7 +117,9 @@ class TrainArguments:
     streaming: bool = field(default=False, metadata={"help": "stream the data (large Hub datasets); in order"})
     tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer; default: train a BPE"})
     val_size: float = field(default=0.01, metadata={"help": "held-out documents: fraction (<1) or count; 0: none"})
-    seq_len: int = field(default=512, metadata={"help": "tokens per packed row"})
+    seq_len: int | None = field(
+        default=None, metadata={"help": "tokens per packed row; default: the config's max_position_embeddings"}
+    )
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps (ignored if --max-tokens is set)"})
@@ -161,12 +164,17 @@ class TrainArguments:
     )
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every"):
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("keep_last", "eval_batches"):
             if getattr(self, name) < 1:
                 raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise SetupError(f"--seq-len must be >= 1, got {self.seq_len}")
+        for name in ("lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "val_size"):
+            if not math.isfinite(getattr(self, name)):
+                raise SetupError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SetupError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.diag_every < 0 or self.val_size < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
@@ -283,10 +291,25 @@ def build_accelerator(args: TrainArguments, timeout: timedelta | None = None) ->
 
 
 def load_config(args: TrainArguments) -> SpanNormConfig:
+    """The model config, proven buildable (on the meta device: no memory) before anything is written; a missing
+    --seq-len becomes the config's context length."""
     try:
         config = SpanNormConfig.from_json_file(args.config)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise SetupError(f"--config {args.config!r}: {err}") from err
+    if config.hidden_act not in ACT2FN:
+        raise SetupError(
+            f"--config {args.config!r}: hidden_act {config.hidden_act!r} is not an activation transformers knows "
+            "(e.g. silu, gelu, relu)"
+        )
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        problem = f"{type(err).__name__}: {err}"
+        raise SetupError(f"--config {args.config!r}: no model can be built from it: {problem}") from err
+    if args.seq_len is None:
+        args.seq_len = config.max_position_embeddings
     if args.seq_len > config.max_position_embeddings:
         raise SetupError(
             f"--seq-len {args.seq_len} exceeds the config's max_position_embeddings={config.max_position_embeddings}"
