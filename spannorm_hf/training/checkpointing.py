@@ -20,6 +20,9 @@ import base64
 import hashlib
 import json
 import random
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +38,21 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from transformers import AutoTokenizer
 
-from ..files import atomic_write_json, naming_disk_full
+from ..configuration_spannorm import SpanNormConfig
+from ..files import (
+    OUTPUT_MARKER,
+    OutputDirError,
+    atomic_write_json,
+    check_output_dir,
+    claim_output_dir,
+    naming_disk_full,
+)
+from .arguments import SetupError, TrainArguments
+from .data import StreamRows, tokenizer_fingerprint
+from .export import HUB_UPLOADS
+from .metrics import METRICS_FILE, TENSORBOARD_DIR
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
@@ -252,3 +268,236 @@ def save_process_state(folder: Path, rank: int) -> None:
 def load_process_state(folder: Path, rank: int) -> None:
     path = rng_file(folder, rank)
     set_rng_state(read_json(path), path)
+
+
+# ------------------------------------------------------------------------------------------------ run directory
+
+CHECKPOINTS = "checkpoints"
+# Config fields that may differ between a checkpoint and the run resuming it (runtime or tokenizer-derived).
+RESUME_IGNORED_FIELDS = {
+    "transformers_version",
+    "architectures",
+    "auto_map",
+    "dtype",
+    "torch_dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "output_router_logits",
+}
+# Arguments whose change on resume changes what the resumed steps compute (allowed, with a warning).
+RESUME_WATCHED_ARGS = ("seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps", "seed")
+
+
+def check_output(args: TrainArguments) -> Path:
+    """The run directory must be new, empty or a training run (`spannorm_hf.files`), unless --overwrite; read-only."""
+    try:
+        return check_output_dir(args.output, "training-run", flag="--output", overwrite=args.overwrite)
+    except OutputDirError as err:
+        raise SetupError(str(err)) from err
+
+
+def claim_output(output: Path, overwrite: bool, fresh: bool) -> None:
+    """Create and mark the run directory and prove it is writable (main process, after every check). A fresh run
+    with --overwrite first removes what an earlier run wrote there (only the files training writes)."""
+    try:
+        claim_output_dir(output, "training-run", flag="--output", overwrite=overwrite)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise SetupError(f"output directory {str(output)!r} is not writable: {err}") from err
+    if fresh and overwrite:
+        (output / METRICS_FILE).unlink(missing_ok=True)
+        for events in (output / TENSORBOARD_DIR).glob("**/events.out.tfevents.*"):
+            events.unlink()
+        for stale in [*Checkpointer(output).existing(), output / HUB_UPLOADS]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def earlier_run_files(output: Path) -> list[str]:
+    """What an earlier run left in `output` (everything but the ownership marker and empty folders)."""
+    if not output.is_dir():
+        return []
+    empty = [p for p in output.iterdir() if p.is_dir() and not any(p.iterdir())]
+    return sorted(p.name for p in output.iterdir() if p.name != OUTPUT_MARKER and p not in empty)
+
+
+# --------------------------------------------------------------------------------------------------- checkpointer
+
+
+class Checkpointer:
+    """A run's checkpoints: where they are (`<output>/checkpoints/step-N`), which one a run resumes from (`find`,
+    refusing one that does not verify), whether it fits the run (`check_compatible`), and writing (`save`) and
+    reading (`load`) one. Saving keeps the newest `keep_last`."""
+
+    def __init__(self, output: Path, keep_last: int = 1):
+        self.output, self.keep_last = Path(output), keep_last
+        self.root = self.output / CHECKPOINTS
+
+    def existing(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temporary directories are never listed)."""
+        found = [p for p in self.root.glob("step-*") if p.is_dir() and p.name.removeprefix("step-").isdigit()]
+        return sorted(found, key=lambda path: int(path.name.removeprefix("step-")))
+
+    def remove_leftovers(self) -> None:
+        """Temporary directories of a run killed while saving (main process)."""
+        for leftover in self.root.glob(".*-step-*"):
+            shutil.rmtree(leftover)
+
+    def find(self, resume: str | None, overwrite: bool = False) -> Path | None:
+        """The checkpoint to resume from, or None for a fresh run; a fresh run never starts over an earlier one
+        unless --overwrite."""
+        output, existing = self.output, self.existing()
+        if resume is None and existing and not overwrite:
+            raise SetupError(
+                f"{output} already holds checkpoints (latest {existing[-1].name}); pass --resume latest to continue "
+                "that run, --overwrite to start a new one over it, or choose a new --output"
+            )
+        if resume is None or (resume == "latest" and not existing):
+            leftovers = earlier_run_files(output)
+            if leftovers and not overwrite:
+                raise SetupError(
+                    f"--output {str(output)!r} holds an earlier run ({', '.join(leftovers[:5])}) with no checkpoint to "
+                    "resume from: choose a new --output, or pass --overwrite to replace the files training writes"
+                )
+            return None
+        if resume == "latest":
+            return self.latest_valid(existing)
+        path = Path(resume)
+        if not (path / TRAIN_STATE).is_file() and not (path / MANIFEST).is_file():
+            raise SetupError(f"--resume {resume!r} is not a checkpoint directory (no {TRAIN_STATE})")
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            raise SetupError(f"--resume {resume!r}: {err}") from err
+        newer = [p.name for p in existing if p.name > path.name]
+        if path.resolve().parent == (output / CHECKPOINTS).resolve() and newer:
+            raise SetupError(
+                f"--resume {resume!r}: {output} holds newer checkpoints {newer}; delete them or use a new --output"
+            )
+        return path
+
+    @staticmethod
+    def latest_valid(existing: list[Path]) -> Path:
+        """The newest checkpoint whose manifest verifies; each newer one is skipped with a warning saying why."""
+        problems = []
+        for path in reversed(existing):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                warnings.warn(f"--resume latest: skipping checkpoint {path.name}: {err}", stacklevel=3)
+                problems.append(f"{path.name}: {err}")
+                continue
+            return path
+        raise SetupError(f"--resume latest: no usable checkpoint in {existing[0].parent} ({'; '.join(problems)})")
+
+    @staticmethod
+    def check_compatible(checkpoint: Path, config: SpanNormConfig, args: TrainArguments) -> dict:
+        """Raise if the checkpoint's model or tokenizer differs; warn if arguments that change what the resumed steps
+        compute differ. Returns the checkpoint's train_state.json."""
+        try:
+            saved, current = SpanNormConfig.from_json_file(checkpoint / "config.json").to_dict(), config.to_dict()
+        except (OSError, ValueError) as err:
+            raise SetupError(f"cannot resume: {checkpoint / 'config.json'} is not a valid config: {err}") from err
+        keys = (saved.keys() | current.keys()) - RESUME_IGNORED_FIELDS
+        diff = {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs --config {b!r}" for k, (a, b) in diff.items())
+            raise SetupError(f"cannot resume {checkpoint}: the model config differs ({lines})")
+        state = read_json(checkpoint / TRAIN_STATE)
+        try:
+            changed = {
+                k: (state["args"][k], getattr(args, k))
+                for k in RESUME_WATCHED_ARGS
+                if state["args"][k] != getattr(args, k)
+            }
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{checkpoint / TRAIN_STATE} is not a valid training state: {err}") from err
+        if changed:
+            warnings.warn(f"resuming {checkpoint} with changed arguments (checkpoint, now): {changed}", stacklevel=2)
+        if args.tokenizer is not None:
+            ours = tokenizer_fingerprint(AutoTokenizer.from_pretrained(args.tokenizer))
+            if ours != state["tokenizer_fingerprint"]:
+                raise SetupError(
+                    f"cannot resume {checkpoint}: --tokenizer {args.tokenizer!r} is not the run's tokenizer"
+                )
+        return state
+
+    def save(
+        self,
+        accelerator: Accelerator,
+        step: int,
+        state: dict,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: SpanNormConfig,
+        tokenizer,
+        stream: StreamRows | None,
+    ) -> Path:
+        """Write the training state (see `checkpointing`) into a temporary directory, add the manifest last, and
+        rename it into place once complete. `state` is train_state.json (scheduler, step, tokens, arguments)."""
+        root = self.root
+        final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        try:
+            save_model_and_optimizer(accelerator, model, optimizer, tmp)
+            save_process_state(tmp, accelerator.process_index)
+            if stream is not None:
+                state_file = tmp / f"stream_state_{accelerator.process_index}.json"
+                with naming_disk_full(state_file):
+                    state_file.write_text(json.dumps(stream.state_dict()))
+            if accelerator.is_main_process:
+                with naming_disk_full(tmp / "config.json"):
+                    config.to_json_file(tmp / "config.json")
+                with naming_disk_full(tmp / "tokenizer"):
+                    tokenizer.save_pretrained(tmp / "tokenizer")
+                with naming_disk_full(tmp / TRAIN_STATE):
+                    (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=2))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_manifest(tmp)
+        except BaseException:
+            shutil.rmtree(
+                tmp, ignore_errors=True
+            )  # a failed save (e.g. a full disk) leaves the older checkpoints alone
+            raise
+        if accelerator.is_main_process:
+            if final.exists():
+                stale = root / f".old-step-{step:08d}"
+                final.rename(stale)
+                shutil.rmtree(stale)
+            tmp.rename(final)
+            for old in self.existing()[: -self.keep_last]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def load(
+        accelerator: Accelerator,
+        checkpoint: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        progress,
+        stream: StreamRows | None,
+    ) -> None:
+        """Restore what `save` wrote into the prepared model, optimizer, scheduler, progress counter and stream;
+        never unpickles."""
+        load_model_and_optimizer(accelerator, model, optimizer, checkpoint)
+        state = read_json(checkpoint / TRAIN_STATE)
+        try:
+            scheduler.load_state_dict(state["scheduler"])
+            progress.load_state_dict(state)
+            if accelerator.scaler is not None and state.get("scaler") is not None:
+                accelerator.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{checkpoint / TRAIN_STATE} is not a valid training state: {err}") from err
+        load_process_state(checkpoint, accelerator.process_index)
+        if stream is not None:
+            path = checkpoint / f"stream_state_{accelerator.process_index}.json"
+            stream.load_state_dict(read_json(path))
