@@ -419,6 +419,23 @@ def test_a_new_run_never_overwrites_an_earlier_one(files, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "keep" and checkpoint_names(out) == ["step-00000003"]
 
 
+def test_resume_latest_restarts_a_run_that_died_before_its_first_checkpoint(files, tmp_path):
+    """A requeued job can always pass --resume latest: a run killed before any checkpoint (never exported)
+    starts again, replacing what that attempt logged."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *argv(files, out, save_every=100)],
+        env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    _wait_for(lambda: _logged_steps(out) >= 1, first, "step 1")
+    first.kill()
+    first.communicate(timeout=60)
+    assert checkpoint_names(out) == [] and (out / "metrics.jsonl").exists()
+    assert main([*argv(files, out, max_steps=2, eval_every=2), "--resume", "latest"]) == 0
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
+    assert len([r for r in records(out) if r.get("event") == "setup"]) == 1
+
+
 @pytest.fixture(scope="module")
 def two_checkpoints(files, tmp_path_factory) -> Path:
     """A finished 4-step run with checkpoints at steps 2 and 4; tests copy it before changing it."""

@@ -300,14 +300,15 @@ def check_output(args: TrainArguments) -> Path:
 
 def claim_output(output: Path, overwrite: bool, fresh: bool) -> None:
     """Create and mark the run directory and prove it is writable (main process, after every check). A fresh run
-    with --overwrite first removes what an earlier run wrote there (only the files training writes)."""
+    over an earlier one (allowed by `Checkpointer.find`: --overwrite, or --resume latest of a run that never
+    checkpointed) first removes what that run wrote there (only the files training writes)."""
     try:
         claim_output_dir(output, "training-run", flag="--output", overwrite=overwrite)
         with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
             pass
     except OSError as err:
         raise SetupError(f"output directory {str(output)!r} is not writable: {err}") from err
-    if fresh and overwrite:
+    if fresh:
         (output / METRICS_FILE).unlink(missing_ok=True)
         for events in (output / TENSORBOARD_DIR).glob("**/events.out.tfevents.*"):
             events.unlink()
@@ -356,7 +357,9 @@ class Checkpointer:
             )
         if resume is None or (resume == "latest" and not existing):
             leftovers = earlier_run_files(output)
-            if leftovers and not overwrite:
+            # a requeued job whose first attempt died before its first checkpoint starts that run again
+            unfinished = resume == "latest" and not (output / "config.json").exists()
+            if leftovers and not overwrite and not unfinished:
                 raise SetupError(
                     f"--output {str(output)!r} holds an earlier run ({', '.join(leftovers[:5])}) with no checkpoint to "
                     "resume from: choose a new --output, or pass --overwrite to replace the files training writes"
