@@ -18,7 +18,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from test_hub import CODE_FILES
 
-from spannorm_hf.files import OUTPUT_MARKER
+from spannorm_hf.files import OUTPUT_MARKER, claim_output_dir
 from spannorm_hf.training.checkpointing import write_manifest
 from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.tokenizer import train_tokenizer
@@ -422,18 +422,14 @@ def test_a_new_run_never_overwrites_an_earlier_one(files, tmp_path, capsys):
 def test_resume_latest_restarts_a_run_that_died_before_its_first_checkpoint(files, tmp_path):
     """A requeued job can always pass --resume latest: a run killed before any checkpoint (never exported)
     starts again, replacing what that attempt logged."""
-    out = tmp_path / "run"
-    first = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *argv(files, out, save_every=100)],
-        env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    _wait_for(lambda: _logged_steps(out) >= 1, first, "step 1")
-    first.kill()
-    first.communicate(timeout=60)
-    assert checkpoint_names(out) == [] and (out / "metrics.jsonl").exists()
+    out = claim_output_dir(tmp_path / "run", "training-run", flag="--output")  # what the killed attempt left
+    (out / "metrics.jsonl").write_text('{"event": "setup", "step": 0}\n{"step": 1, "loss": 9.0}\n')
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"events")
     assert main([*argv(files, out, max_steps=2, eval_every=2), "--resume", "latest"]) == 0
-    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
+    assert [r["loss"] != 9.0 for r in records(out) if "loss" in r] == [True, True]  # steps 1, 2 of the new attempt
     assert len([r for r in records(out) if r.get("event") == "setup"]) == 1
+    assert not (out / "tensorboard" / "events.out.tfevents.1.host").exists()
 
 
 @pytest.fixture(scope="module")
