@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from transformers import (
 )
 
 from spannorm_hf.configuration_spannorm import NORM_SCHEME_NAMES, SpanNormConfig
+from spannorm_hf.files import atomic_write_text
 from spannorm_hf.modeling_spannorm import SpanNormForCausalLM
 
 SECTIONS = ("ratios", "growth", "compile")
@@ -658,7 +658,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def _write_json(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(report, f, indent=2)
-    os.replace(f.name, path)
+    atomic_write_text(path, json.dumps(report, indent=2))

@@ -23,6 +23,7 @@ import transformers
 from transformers import LlamaConfig
 
 from spannorm_hf import SpanNormConfig
+from spannorm_hf.files import atomic_write_text
 from spannorm_hf.modeling_spannorm import fused_add_rms_norm
 
 from benchmark import Contender, build, interleaved, matmul_params, paired_ratio, synchronize
@@ -221,10 +222,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - started
     lines.append(f"\nFinished in {total:.0f} s.")
     print(lines[-1].strip())
-    args.out.mkdir(parents=True, exist_ok=True)
     for name, text in (("gpu_check.md", "\n".join(header + lines) + "\n"), ("gpu_check.json", json.dumps(result))):
-        (args.out / f"{name}.tmp").write_text(text)
-        os.replace(args.out / f"{name}.tmp", args.out / name)  # a rerun never leaves half a file
+        atomic_write_text(args.out / name, text)  # a rerun never leaves half a file
     if not all(math.isfinite(m["step_s"]) for m in result["models"].values()):
         return 1
     return 0

@@ -6,9 +6,9 @@ and their `scripts/*.py` wrappers):
   option answers to both spellings (`--max-new-tokens` and `--max_new_tokens`), `--help` shows the defaults, and
   a float option must be a finite number (`--lr nan` is refused by name);
 - bad input is an `InputError` (or a missing / misplaced path: `FileNotFoundError`, `NotADirectoryError`,
-  `IsADirectoryError`, `FileExistsError`, `PermissionError`), reported by `command` as one line
-  `error: <what, which value, how to fix>` on stderr, exit code 2, no traceback. Anything else is a bug and keeps
-  its traceback.
+  `IsADirectoryError`, `FileExistsError`, `PermissionError`; or a full disk, `DiskFullError`), reported by
+  `command` as one line `error: <what, which value, how to fix>` on stderr, exit code 2, no traceback. Anything
+  else is a bug and keeps its traceback.
 """
 
 import argparse
@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from transformers import HfArgumentParser
+
+from .files import DiskFullError
 
 USAGE_ERROR = 2  # the exit code of bad input, as argparse uses it
 # Exceptions about a path the user gave; our own code raises them with a message naming the path.
@@ -82,7 +84,7 @@ def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
     def run(argv: Sequence[str] | None = None) -> int:
         try:
             return main(argv)
-        except (InputError, *PATH_ERRORS) as error:
+        except (InputError, DiskFullError, *PATH_ERRORS) as error:
             print(f"error: {one_line(error)}", file=sys.stderr)
             return USAGE_ERROR
 

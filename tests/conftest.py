@@ -55,3 +55,26 @@ def assert_same_greedy_tokens(model, got: torch.Tensor, expected: torch.Tensor, 
     top2 = logits.topk(2).values
     gap = (top2[0] - top2[1]).item()
     assert gap < NEAR_TIE, f"{what}: greedy tokens differ at position {first} where the top-2 logit gap is {gap:.2e}"
+
+
+def finished_run_folder(path):
+    """A folder as scripts/train.py leaves a finished run: its ownership marker, checkpoints, metrics, TensorBoard
+    events and the exported model's config.json. Returns {relative path: bytes} of every file, to compare later."""
+    from spannorm_hf.files import claim_output_dir
+
+    claim_output_dir(path, "training-run", flag="--output")
+    for name, data in {
+        "checkpoints/step-00000004/model.safetensors": b"weights",
+        "metrics.jsonl": b'{"step": 1, "loss": 5.0}\n',
+        "tensorboard/events.out.tfevents.1": b"events",
+        "config.json": b'{"model_type": "spannorm"}',
+        "model.safetensors": b"exported",
+    }.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    return snapshot(path)
+
+
+def snapshot(folder) -> dict:
+    """{relative path: bytes} of every file under `folder`."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

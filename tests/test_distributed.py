@@ -15,6 +15,7 @@ import torch.distributed as dist
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.state import AcceleratorState
 from accelerate.utils import PrepareForLaunch, patch_environment
+from safetensors import safe_open
 from test_training import ROOT, argv, checkpoint_names, clean_accelerate_state, make_train_files, records
 from torch.distributed.fsdp import FSDPModule
 from torch.multiprocessing import start_processes
@@ -105,10 +106,18 @@ def test_fsdp2_shards_matches_one_process_resumes_and_exports(files, reference, 
     ours = step_metrics(out)
     assert_same_steps(ours, step_metrics(reference), range(1, 7))
 
-    # the checkpoint is sharded (torch.distributed.checkpoint), and resuming from it repeats steps 4-6
+    # the checkpoint holds the gathered full state in safetensors + JSON (no torch.distributed.checkpoint folder,
+    # whose .metadata is a pickle), every process's RNG state, and a manifest; resuming from it repeats steps 4-6
     checkpoint = out / "checkpoints" / "step-00000003"
-    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
-    assert not (checkpoint / "model.safetensors").exists()
+    names = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()}
+    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "rng_state_0.json", "rng_state_1.json",
+            "train_state.json", "manifest.json"} <= names  # fmt: skip
+    assert not [name for name in names if name.endswith((".pkl", ".bin", ".pt", ".metadata"))]
+    full = AutoModelForCausalLM.from_pretrained(reference).state_dict()
+    with safe_open(checkpoint / "model.safetensors", "pt") as saved:
+        assert set(saved.keys()) == set(full) and all(
+            saved.get_slice(k).get_shape() == list(full[k].shape) for k in full
+        )
     resumed = tmp_path / "resumed"
     launch([*argv(files, resumed, max_steps=6, save_every=3, eval_every=3, diag_every=2, batch_size=2),
             "--resume", str(checkpoint)], fsdp=True)  # fmt: skip

@@ -24,6 +24,8 @@ from spannorm_hf.integrations.finetune import (
 )
 from spannorm_hf.integrations.hub import TRAINING_DETAILS_FILE
 
+from conftest import finished_run_folder, snapshot
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
     "{% if add_generation_prompt %}<|bos|>assistant: {% endif %}"
@@ -221,3 +223,29 @@ def test_some_empty_responses_are_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="spannorm_hf.integrations.finetune"):
         data = load_training_data(write_jsonl(tmp_path / "some-empty.jsonl", rows), tiny_tokenizer(), 64)
     assert len(data) == 4 and "1 of 4 responses are empty" in caplog.text
+
+
+def test_merge_never_writes_into_a_folder_it_did_not_create(dense, tmp_path, monkeypatch, capsys):
+    """`--merge runs/r` into a training run, or into the adapter's own base, is refused before any work and leaves
+    the folder as it was; --overwrite replaces only the files the merge writes."""
+    data = write_jsonl(tmp_path / "train.jsonl", INSTRUCTIONS[:4])
+    adapter = finetune_lora(dense, data, tmp_path / "adapter", max_steps=1, rank=2, batch_size=4).adapter_dir
+    run = tmp_path / "runs" / "r"
+    before = finished_run_folder(run)
+    base_before = snapshot(dense)
+    capsys.readouterr()
+    for target, what in ((run, "holds a training run"), (dense, "was not created by this command")):
+        assert run_script("finetune_lora.py", ["--model", str(adapter), "--merge", str(target)], monkeypatch) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --merge {str(target)!r} ") and what in err and "--overwrite" in err
+    assert snapshot(run) == before and snapshot(dense) == base_before
+    with pytest.raises(FileExistsError, match="holds a training run"):  # fine-tuning checks before training
+        finetune_lora(dense, data, tmp_path / "adapter2", merge_dir=run, max_steps=1)
+    assert not (tmp_path / "adapter2").exists()
+
+    argv = ["--model", str(adapter), "--merge", str(run), "--overwrite"]
+    assert run_script("finetune_lora.py", argv, monkeypatch) == 0
+    after = snapshot(run)
+    kept = ("checkpoints/step-00000004/model.safetensors", "metrics.jsonl", "tensorboard/events.out.tfevents.1")
+    assert all(after[name] == before[name] for name in kept)
+    assert after["model.safetensors"] != before["model.safetensors"]  # the merge's own files are replaced

@@ -13,6 +13,7 @@ from test_generate import run_script, save_tiny_checkpoint
 from test_modeling import generate_in_fresh_process
 
 from spannorm_hf import NORM_SCHEME_NAMES, SpanNormForCausalLM
+from spannorm_hf.files import OUTPUT_MARKER
 from spannorm_hf.integrations.hub import (
     SCHEME_DESCRIPTIONS,
     TRAINING_DETAILS_FILE,
@@ -26,7 +27,7 @@ from spannorm_hf.integrations.hub import (
 )
 from spannorm_hf.parameters import parameter_counts
 
-from conftest import moe_config, tiny_config
+from conftest import finished_run_folder, moe_config, snapshot, tiny_config
 from fake_hub import closed_port_url
 
 CODE_FILES = ("configuration_spannorm.py", "modeling_spannorm.py")
@@ -182,8 +183,27 @@ def test_publish_without_token_or_network_exits_zero(moe_checkpoint, tmp_path, c
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     assert publish_main([*argv[:4], "--output-dir", str(tmp_path / "precious"), "--dry-run"]) == 2
-    assert "refusing to replace" in capsys.readouterr().err
+    assert "refusing to write a Hub folder into it" in capsys.readouterr().err
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_publish_never_writes_into_a_training_run(moe_checkpoint, tmp_path, capsys):
+    """`--output-dir runs/r` (a training run) is refused before any work and the run is left as it was; with
+    --overwrite only the Hub folder's own files are replaced, and the run's checkpoints and metrics stay."""
+    from spannorm_hf.integrations.hub import publish_main
+
+    run = tmp_path / "runs" / "r"
+    before = finished_run_folder(run)
+    argv = ["--model", str(moe_checkpoint), "--repo-id", "alice/x", "--output-dir", str(run), "--dry-run"]
+    assert publish_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output-dir {str(run)!r} holds a training run") and "--overwrite" in err
+    assert snapshot(run) == before
+    assert publish_main([*argv, "--overwrite"]) == 0
+    after = snapshot(run)
+    for name in ("checkpoints/step-00000004/model.safetensors", "metrics.jsonl", "tensorboard/events.out.tfevents.1"):
+        assert after[name] == before[name]
+    assert after["config.json"] != before["config.json"] and "README.md" in after
 
 
 def test_publish_uploads_one_commit_or_reports_the_server_error(moe_checkpoint, tmp_path, capsys, hub_at, fake_hub):
@@ -198,7 +218,7 @@ def test_publish_uploads_one_commit_or_reports_the_server_error(moe_checkpoint, 
     assert ("POST", "/api/models/alice/spannorm-moe-tiny/branch/v0.1") in fake_hub.calls
     (commit,) = fake_hub.commits
     assert commit["revision"] == "v0.1" and commit["message"] == "First upload"
-    assert set(commit["files"]) == {p.name for p in out.iterdir()}
+    assert set(commit["files"]) == {p.name for p in out.iterdir()} - {OUTPUT_MARKER}  # the marker stays local
     assert commit["files"]["model.safetensors"] == (out / "model.safetensors").read_bytes()
 
     refusal = 'You don\'t have the rights to create a model under the namespace "alice"'

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,11 +18,13 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from test_hub import CODE_FILES
 
+from spannorm_hf.files import OUTPUT_MARKER, claim_output_dir
+from spannorm_hf.training.checkpointing import write_manifest
 from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.tokenizer import train_tokenizer
-from spannorm_hf.training.trainer import main, parse_args, train
+from spannorm_hf.training.trainer import load_config, main, parse_args, train
 
-from conftest import moe_config, tiny_config
+from conftest import moe_config, snapshot, tiny_config
 from fake_hub import closed_port_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,6 +315,13 @@ def _bad_input(files: Path, tmp_path: Path, case: str) -> tuple[list[str], str]:
     if case == "unwritable output":
         (tmp_path / "a-file").write_text("x")
         return argv(files, tmp_path / "a-file" / "run"), "is not writable"
+    if case in ("lr nan", "lr inf", "lr zero"):
+        value = {"lr nan": "nan", "lr inf": "inf", "lr zero": "0"}[case]
+        return argv(files, out, lr=value), "--lr must be > 0" if value == "0" else f"--lr: {value} is not a finite"
+    if case == "unknown activation":
+        config = json.loads((files / "dense.json").read_text())
+        (tmp_path / "bad.json").write_text(json.dumps({**config, "hidden_act": "nope"}))
+        return argv(files, out, config=str(tmp_path / "bad.json"), tokenizer=None), "hidden_act 'nope' is not an"
     if case == "bad option":
         return argv(files, out, batch_size=0), "--batch-size must be >= 1, got 0"
     if case == "no flash-attn":
@@ -329,13 +339,33 @@ def _bad_input(files: Path, tmp_path: Path, case: str) -> tuple[list[str], str]:
         "unwritable output",
         "bad option",
         "no flash-attn",
+        "lr nan",
+        "lr inf",
+        "lr zero",
+        "unknown activation",
     ],
 )
 def test_bad_input_fails_early_with_a_clear_message(files, tmp_path, capsys, case):
     args, message = _bad_input(files, tmp_path, case)
     assert main(args) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")  # one line
+    out = tmp_path / "out"
+    if case in ("missing file", "empty file", "binary file"):  # found while reading data: a marked, empty folder
+        assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER]
+    else:  # found before anything is written: not even the folder
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configuration").glob("*.json")))
+def test_the_defaults_fit_every_shipped_preset(preset, tmp_path):
+    """`--config PRESET` alone must not conflict with the preset: the context is the config's unless told."""
+    path = str(ROOT / "configuration" / preset)
+    args = parse_args(["--config", path, "--output", str(tmp_path / "run")])
+    assert args.seq_len is None and load_config(args).max_position_embeddings == args.seq_len
+    told = parse_args(["--config", path, "--output", str(tmp_path / "run"), "--seq-len", "64"])
+    load_config(told)
+    assert told.seq_len == 64
 
 
 def test_bad_resume_fails_before_touching_the_run(files, tmp_path, capsys):
@@ -369,6 +399,165 @@ def test_bad_resume_fails_before_touching_the_run(files, tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"changed arguments \(checkpoint, now\): \{'lr': \(0.003, 0.001\)\}"):
         assert main([*argv(files, out, max_steps=2, lr=1e-3), "--resume", "latest"]) == 0
     assert checkpoint_names(out) == before[0]
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(files, tmp_path, capsys):
+    """A finished run whose checkpoints were removed: a new run into it (with or without --resume latest) is refused
+    before anything is written; --overwrite starts over, replacing only the files training writes."""
+    out = tmp_path / "run"
+    train(parse_args(argv(files, out, max_steps=2, save_every=2, eval_every=2)))
+    AcceleratorState._reset_state(True)
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    assert main(argv(files, out, max_steps=2)) == 2
+    err = capsys.readouterr().err
+    assert f"error: --output {str(out)!r} holds an earlier run (" in err and "config.json" in err
+    assert main([*argv(files, out, max_steps=2), "--resume", "latest"]) == 2
+    assert "with no checkpoint to resume from: choose a new --output, or pass --overwrite" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(argv(files, tmp_path / "mine")) == 2  # a folder training did not create
+    assert "is not empty (notes.txt) and was not created by this command" in capsys.readouterr().err
+    assert snapshot(out) == before and snapshot(tmp_path / "mine") == {"notes.txt": b"keep"}
+
+    (out / "notes.txt").write_text("keep")
+    AcceleratorState._reset_state(True)
+    assert main([*argv(files, out, max_steps=3, save_every=3, eval_every=3), "--overwrite"]) == 0
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]  # the old records are gone, not mixed in
+    assert len([r for r in records(out) if r.get("event") == "setup"]) == 1
+    assert (out / "notes.txt").read_text() == "keep" and checkpoint_names(out) == ["step-00000003"]
+
+
+def test_resume_latest_restarts_a_run_that_died_before_its_first_checkpoint(files, tmp_path):
+    """A requeued job can always pass --resume latest: a run killed before any checkpoint (never exported)
+    starts again, replacing what that attempt logged."""
+    out = claim_output_dir(tmp_path / "run", "training-run", flag="--output")  # what the killed attempt left
+    (out / "metrics.jsonl").write_text('{"event": "setup", "step": 0}\n{"step": 1, "loss": 9.0}\n')
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"events")
+    assert main([*argv(files, out, max_steps=2, eval_every=2), "--resume", "latest"]) == 0
+    assert [r["loss"] != 9.0 for r in records(out) if "loss" in r] == [True, True]  # steps 1, 2 of the new attempt
+    assert len([r for r in records(out) if r.get("event") == "setup"]) == 1
+    assert not (out / "tensorboard" / "events.out.tfevents.1.host").exists()
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(files, tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4; tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("two-checkpoints") / "run"
+    with clean_accelerate_state():
+        train(parse_args(argv(files, out, max_steps=4, save_every=2, eval_every=2)))
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+class PlantedPayload:
+    """Unpickling this creates the file `path`: what a malicious checkpoint could run instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_resuming_never_unpickles_a_planted_payload(files, two_checkpoints, tmp_path, capsys):
+    """A checkpoint handed over by someone else, with pickles planted where accelerate's format kept its
+    scheduler and step counter, or in place of the optimizer state, and a manifest made to match: resuming refuses
+    it, naming the file, and the payload never runs."""
+    out = copy_run(two_checkpoints, tmp_path)
+    checkpoint = out / "checkpoints" / "step-00000004"
+    ran = tmp_path / "payload-ran"
+    torch.save(PlantedPayload(ran), checkpoint / "custom_checkpoint_0.pkl")
+    write_manifest(checkpoint)  # the attacker controls the whole folder
+    AcceleratorState._reset_state(True)
+    assert main([*argv(files, out, max_steps=6), "--resume", str(checkpoint)]) == 2
+    assert f"error: --resume {str(checkpoint)!r}: {checkpoint / 'custom_checkpoint_0.pkl'} is a pickle-format" in (
+        capsys.readouterr().err
+    )
+    (checkpoint / "custom_checkpoint_0.pkl").unlink()
+    torch.save(PlantedPayload(ran), checkpoint / "optimizer.safetensors")
+    write_manifest(checkpoint)
+    AcceleratorState._reset_state(True)
+    assert main([*argv(files, out, max_steps=6), "--resume", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {checkpoint / 'optimizer.safetensors'} is not a readable safetensors file" in err
+    assert "Traceback" not in err and not ran.exists()
+
+
+def test_a_corrupt_checkpoint_is_named_and_skipped(files, two_checkpoints, tmp_path, capsys):
+    """A truncated file in the newest checkpoint: --resume latest falls back to the previous checkpoint, says
+    which one it skipped and why, and repeats the run's steps exactly; --resume PATH to it is an error naming it."""
+    out = copy_run(two_checkpoints, tmp_path)
+    reference = losses(out)
+    newest = out / "checkpoints" / "step-00000004"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main([*argv(files, out, max_steps=4), "--resume", str(newest)]) == 2
+    assert f"error: --resume {str(newest)!r}: {weights} is truncated or changed: 1000 bytes" in capsys.readouterr().err
+    AcceleratorState._reset_state(True)
+    skipped = rf"skipping checkpoint step-00000004: {weights} is truncated or changed: 1000 bytes"
+    with pytest.warns(UserWarning, match=skipped):
+        result = train(parse_args([*argv(files, out, max_steps=4), "--resume", "latest"]))
+    resumed = [r["resumed_from"] for r in records(out) if r.get("event") == "setup"]
+    assert result.step == 4 and resumed[-1].endswith("step-00000002")
+    assert losses(out) == reference  # steps 3 and 4 again, bit for bit
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(files, two_checkpoints, tmp_path):
+    """What a full disk or a power cut mid-append leaves: half a JSON line. Resuming drops it with a warning."""
+    out = copy_run(two_checkpoints, tmp_path)
+    complete = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(complete + '{"step": 4, "loss": 5.1')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropping the torn last line \d+ \('\{\"step\": 4, \"loss"):
+        result = train(parse_args([*argv(files, out, max_steps=4), "--resume", "latest"]))
+    before = [json.loads(line) for line in complete.splitlines()]
+    after = records(out)  # every line parses: the torn one is gone, the resumed run's records follow
+    assert result.step == 4 and after[: len(before)] == before
+    assert [r.get("event") for r in after[len(before) :]] == ["config", "setup"]
+
+
+@contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of `size` mounted at `path` (root only)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount privileges): {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` until `leave` bytes are free."""
+    filler = disk / "filler"
+    free = shutil.disk_usage(disk).free
+    filler.write_bytes(b"\0" * max(free - leave, 0))
+    return filler
+
+
+def test_a_full_disk_is_named_and_the_run_resumes_once_space_is_freed(files, two_checkpoints, tmp_path, capsys):
+    """The disk fills up while a checkpoint is written: one line naming the file, exit 2, the earlier checkpoints
+    intact, no half-written checkpoint left; once space is freed, --resume latest repeats the run exactly."""
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        out = disk / "run"
+        train(parse_args(argv(files, out, max_steps=2, save_every=2, eval_every=2)))
+        filler = fill(disk, leave=300_000)  # room for metrics and the model, not for the optimizer state
+        AcceleratorState._reset_state(True)
+        assert main([*argv(files, out, max_steps=4, save_every=2, eval_every=2), "--resume", "latest"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert f"error: no space left on device while writing {out / 'checkpoints' / '.tmp-step-00000004'}" in err
+        assert checkpoint_names(out) == ["step-00000002"]  # the half-written one was removed, the older one kept
+        filler.unlink()
+        AcceleratorState._reset_state(True)
+        assert main([*argv(files, out, max_steps=4, save_every=2, eval_every=2), "--resume", "latest"]) == 0
+        assert losses(out) == losses(two_checkpoints)  # the same four steps as a run that never ran out of space
 
 
 def test_push_to_hub_uploads_each_checkpoint_and_the_final_model(files, tmp_path, hub_at, fake_hub):

@@ -14,11 +14,11 @@ stopped; `write_report` turns the JSONL into `table.md` and the PNG plots.
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spannorm_hf.configuration_spannorm import SpanNormConfig
+from spannorm_hf.files import atomic_write_bytes, atomic_write_text
 from spannorm_hf.modeling_spannorm import SpanNormForCausalLM
 from spannorm_hf.training.corpus import DEFAULT_CORPUS
 from spannorm_hf.training.diagnostics import BlockStats, block_grad_norms, decoder_blocks
@@ -738,11 +739,9 @@ def lr_sensitivity(records: list[dict], layers: int, experts: int = 0) -> dict[s
 
 def _save(fig, path: Path) -> None:
     """Atomic PNG write: a crash never leaves a half-written plot."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90, bbox_inches="tight")
+    atomic_write_bytes(path, png.getvalue())
 
 
 def _style(arm: str) -> dict:
@@ -929,14 +928,6 @@ def _ylim(ax) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def unigram_loss(train: torch.Tensor, val: list[torch.Tensor]) -> float:
     """Validation loss of the best context-free model (add-one byte frequencies of the training split): a run
     that ends near it learned nothing beyond byte frequencies."""
@@ -960,7 +951,7 @@ def write_report(out_dir: Path, grid: Grid, data: str | os.PathLike | None = Non
     for rec in records:
         rec["stuck"] = rec["val_loss"] is not None and rec["val_loss"] > baseline - STUCK_NATS
     table = out_dir / "table.md"
-    _write_text(table, markdown_table(records, grid, baseline))
+    atomic_write_text(table, markdown_table(records, grid, baseline))
     return [table, *plot_all(records, grid, out_dir, baseline)]
 
 

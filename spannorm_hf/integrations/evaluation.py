@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cli import ArgumentParser, InputError, command
+from ..files import atomic_write_text
 from .adapters import adapter_base, is_adapter_folder, load_adapter
 from .generation import load_model
-from .hub import atomic_write_text, read_checkpoint_config
+from .hub import read_checkpoint_config
 
 # The zero-shot tasks the paper reports, by their lm-eval names. Their data comes from the Hub (or its cache).
 PAPER_TASKS = ("hellaswag", "winogrande", "piqa", "wikitext", "sciq", "lambada_openai", "arc_challenge")

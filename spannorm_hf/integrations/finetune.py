@@ -30,8 +30,9 @@ from transformers import (
 )
 
 from ..cli import ArgumentParser, InputError, command
-from .adapters import ADAPTER_BASE_FILE, ADAPTER_CONFIG_FILE, base_fingerprint, is_adapter_folder, load_adapter
-from .hub import TRAINING_DETAILS_FILE, atomic_output_dir, load_checkpoint
+from ..files import atomic_output_dir, check_output_dir
+from .adapters import ADAPTER_BASE_FILE, base_fingerprint, is_adapter_folder, load_adapter
+from .hub import TRAINING_DETAILS_FILE, load_checkpoint
 from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (PROMPT_TEMPLATE: re-exported for callers)
 
 logger = logging.getLogger(__name__)
@@ -173,15 +174,21 @@ def load_training_data(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBa
 
 
 def merge_adapter(
-    adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, base: str | os.PathLike | None = None
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Fold the adapter into the base (`merge_and_unload`) and save a standalone SpanNorm checkpoint."""
+    """Fold the adapter into the base (`merge_and_unload`) and save a standalone SpanNorm checkpoint.
+    `output_dir` must be new, empty or an earlier merge output (see `spannorm_hf.files`), unless `overwrite`."""
+    check_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite)
     model, tokenizer = load_adapter(adapter_dir, base)
     merged = model.merge_and_unload()
     details_path = Path(adapter_dir) / TRAINING_DETAILS_FILE
     details = json.loads(details_path.read_text()) if details_path.is_file() else {}
     details["merged"] = "LoRA adapter merged into the base weights (merge_and_unload)"
-    with atomic_output_dir(output_dir) as staging:
+    with atomic_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
@@ -228,9 +235,14 @@ def finetune_lora(
     seed: int = 0,
     dtype: str | torch.dtype = "auto",
     logging_steps: int = 10,
+    overwrite: bool = False,
 ) -> FinetuneResult:
     """Train a LoRA adapter on `data`, save it (with tokenizer and fingerprint) to `output_dir`, and with
-    `merge_dir` also a merged standalone checkpoint."""
+    `merge_dir` also a merged standalone checkpoint. Both folders must be new, empty or earlier outputs of the
+    same kind (see `spannorm_hf.files`), unless `overwrite`; that is checked before any work."""
+    check_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite)
+    if merge_dir:
+        check_output_dir(merge_dir, "merged-model", flag="--merge", overwrite=overwrite)
     model, tokenizer = load_checkpoint(base, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -287,14 +299,14 @@ def finetune_lora(
         "gradient_checkpointing": gradient_checkpointing,
         "final_train_loss": round(output.training_loss, 4),
     }
-    with atomic_output_dir(output_dir, owned_marker=ADAPTER_CONFIG_FILE) as staging:
+    with atomic_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         record = {"base": _base_reference(base), "fingerprint": fingerprint}
         (staging / ADAPTER_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
     adapter_dir = Path(output_dir).expanduser().resolve()
-    merged_dir = merge_adapter(adapter_dir, merge_dir) if merge_dir else None
+    merged_dir = merge_adapter(adapter_dir, merge_dir, overwrite=overwrite) if merge_dir else None
     return FinetuneResult(adapter_dir, merged_dir, model, output.training_loss, output.global_step, len(dataset))
 
 
@@ -310,6 +322,11 @@ def parser() -> ArgumentParser:
     p.add_argument("--data", help="training data: .jsonl/.json (prompt+response, or text) or a plain text file")
     p.add_argument("--output", help="adapter output folder")
     p.add_argument("--merge", metavar="DIR", help="also write the merged standalone model here")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into output folders this command did not create (only the files it writes are replaced)",
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--dropout", type=float, default=0.05)
@@ -343,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--model {args.model!r} is not a LoRA adapter folder (no adapter_config.json); to merge, pass the "
                 "folder a fine-tuning run wrote (its --output), or give --data to fine-tune"
             )
-        print(f"Merged model: {merge_adapter(args.model, args.merge)}")
+        print(f"Merged model: {merge_adapter(args.model, args.merge, overwrite=args.overwrite)}")
         return 0
     if not args.output:
         raise InputError("--output is required with --data (the folder the adapter is written to)")
@@ -367,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         seed=args.seed,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     print(f"{result.examples} examples, {result.steps} optimizer steps, train loss {result.train_loss:.4f}")
     print(f"Adapter: {result.adapter_dir}")

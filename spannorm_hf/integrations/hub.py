@@ -10,12 +10,9 @@ training checkpoints in the background without ever raising into the training lo
 import json
 import logging
 import os
-import shutil
 import sys
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, wait
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from transformers.configuration_utils import PreTrainedConfig
 
 from ..cli import ArgumentParser, InputError, command
 from ..configuration_spannorm import SCALED_SCHEMES, SpanNormConfig
+from ..files import OUTPUT_MARKER, atomic_output_dir, check_output_dir
 from ..modeling_spannorm import SpanNormForCausalLM
 from ..parameters import parameter_counts
 
@@ -137,45 +135,6 @@ def load_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------------- writing folders
-
-
-@contextmanager
-def atomic_output_dir(target: str | os.PathLike, owned_marker: str = "config.json") -> Iterator[Path]:
-    """Yield a fresh sibling folder and swap it into `target` only if the body succeeds, so a crash never leaves a
-    half-written folder and never destroys the previous one. An existing non-empty `target` is replaced only when it
-    holds `owned_marker` (i.e. it is an earlier output of the same kind), never an unrelated folder."""
-    target = Path(target).expanduser().resolve()
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"output {str(target)!r} exists and is not a folder")
-        if any(target.iterdir()) and not (target / owned_marker).exists():
-            raise FileExistsError(
-                f"output folder {str(target)!r} is not empty and holds no {owned_marker}: refusing to replace it"
-            )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        yield staging
-        backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        if target.exists():
-            target.rename(backup)
-        staging.rename(target)
-        shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        staging.write_text(text, encoding="utf-8")
-        staging.replace(path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike, context: int) -> None:
@@ -300,12 +259,14 @@ def build_hub_folder(
     repo_id: str,
     *,
     max_shard_size: str = "2GB",
+    overwrite: bool = False,
     **card_kwargs: Any,
 ) -> Path:
-    """Write a complete Hub folder for `repo_id` (atomically). `card_kwargs` go to `render_model_card`."""
+    """Write a complete Hub folder for `repo_id` (atomically). `card_kwargs` go to `render_model_card`.
+    `output_dir` must be new, empty or an earlier Hub folder (see `spannorm_hf.files`), unless `overwrite`."""
     check_repo_id(repo_id)
     card = render_model_card(model.config, repo_id, **card_kwargs)
-    with atomic_output_dir(output_dir) as staging:
+    with atomic_output_dir(output_dir, "hub-folder", flag="--output-dir", overwrite=overwrite) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)  # weights, config + auto_map, code files
         save_tokenizer(tokenizer, staging, model.config.max_position_embeddings)
         card.save(staging / "README.md")
@@ -313,9 +274,10 @@ def build_hub_folder(
 
 
 def folder_listing(folder: str | os.PathLike) -> list[tuple[str, int]]:
-    """(relative path, bytes) of every file an upload of `folder` would send."""
+    """(relative path, bytes) of every file an upload of `folder` would send (not the ownership marker)."""
     root = Path(folder)
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+    files = (p for p in root.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in files)
 
 
 # ------------------------------------------------------------------------------------------------------- uploading
@@ -348,6 +310,7 @@ def upload_hub_folder(
         folder_path=str(folder),
         revision=revision,
         commit_message=commit_message,
+        ignore_patterns=[OUTPUT_MARKER],
     )
     return commit.commit_url
 
@@ -395,7 +358,7 @@ class CheckpointPusher:
             folder_path=folder,
             revision=branch,
             commit_message=commit_message,
-            ignore_patterns=self.ignore_patterns or None,
+            ignore_patterns=[*self.ignore_patterns, OUTPUT_MARKER],
         )
         return commit.commit_url
 
@@ -462,6 +425,11 @@ def publish_parser() -> ArgumentParser:
     parser.add_argument("--revision", help="branch to commit to (created if missing); default main")
     parser.add_argument("--dry-run", action="store_true", help="build the folder and list it, upload nothing")
     parser.add_argument("--output-dir", help="where to build the Hub folder (default: MODEL-hub next to MODEL)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --output-dir this command did not create (only the files it writes are replaced)",
+    )
     parser.add_argument("--license", default="apache-2.0", help="Hub license id for the card")
     parser.add_argument("--dataset", action="append", default=[], help="training dataset Hub id (repeatable)")
     parser.add_argument("--eval-results", help="JSON written by spannorm-evaluate --output (model-index)")
@@ -487,14 +455,16 @@ def publish_main(argv: Sequence[str] | None = None) -> int:
     evals = []
     if args.eval_results:
         evals = eval_results_from_json(_read_json_object(args.eval_results, "--eval-results"))
-    model, tokenizer = load_checkpoint(model_dir)
     output = Path(args.output_dir) if args.output_dir else model_dir.with_name(model_dir.name + "-hub")
+    check_output_dir(output, "hub-folder", flag="--output-dir", overwrite=args.overwrite)  # before any work
+    model, tokenizer = load_checkpoint(model_dir)
     folder = build_hub_folder(
         model,
         tokenizer,
         output,
         args.repo_id,
         max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
         license=args.license,
         datasets=args.dataset,
         eval_results=evals,

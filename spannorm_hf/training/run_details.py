@@ -19,8 +19,6 @@ from transformers import PreTrainedTokenizerBase
 from ..integrations.hub import TRAINING_DETAILS_FILE, save_tokenizer
 from .data import _looks_local
 
-METRICS_FILE = "metrics.jsonl"
-
 
 def _argument(config: dict[str, Any], name: str) -> Any:
     """An argument as the run had it: the tracker stores lists and None as their str()."""

@@ -9,21 +9,17 @@ Design choices that make runs exact and safe:
   train on the same numbers whatever the split. MoE layers add `router_aux_loss_coef * aux_loss` (the mean
   over micro-batches), and both parts are logged.
 - Which rows a step reads is a function of the step (see `data.ShuffledRows`); checkpoints hold the model,
-  optimizer, scheduler, step counter and every process's RNG state (`accelerator.save_state`), so resuming
-  repeats the uninterrupted run step for step.
-- Checkpoints are written to a temporary directory and renamed into place: a killed run never leaves a
-  half-written `step-*` directory. SIGINT / SIGTERM stop at the next step boundary with a checkpoint.
+  optimizer, scheduler, step counter and every process's RNG state in safetensors and JSON (`checkpointing`:
+  nothing is ever unpickled), so resuming repeats the uninterrupted run step for step.
+- Checkpoints are written to a temporary directory, sealed with a manifest (sizes, sha256) and renamed into
+  place: a killed run never leaves a half-written `step-*` directory, and `--resume latest` skips, naming it, a
+  checkpoint whose files no longer match. SIGINT / SIGTERM stop at the next step boundary with a checkpoint.
 - Every bad input is checked before the first step (and before anything is written besides the output dir).
 """
 
-import json
 import math
 import os
-import shutil
 import signal
-import tempfile
-import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -31,16 +27,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
-from ..cli import ArgumentParser, InputError, command
-from ..configuration_spannorm import SpanNormConfig
+from ..cli import command
+from ..files import DiskFullError, is_disk_full, naming_disk_full
 from ..integrations.hub import CheckpointPusher, check_repo_id
 from ..parameters import parameter_counts
+from .arguments import SetupError, TrainArguments, load_config, parse_args
+from .checkpointing import Checkpointer, check_output, claim_output
 from .data import (
     ShuffledRows,
     StreamRows,
@@ -54,140 +51,19 @@ from .data import (
     tokenizer_fingerprint,
 )
 from .diagnostics import BlockStats, block_grad_norms
-from .run_details import METRICS_FILE, finish_export
+from .export import export_model, push_model
+from .metrics import TENSORBOARD_DIR, Throughput, trackers, truncate_metrics
 
-CHECKPOINTS = "checkpoints"
-HUB_UPLOADS = "hub-uploads"  # model snapshots waiting for their background upload (--push-to-hub)
-# Config fields that may differ between a checkpoint and the run resuming it (runtime or tokenizer-derived).
-RESUME_IGNORED_FIELDS = {
-    "transformers_version",
-    "architectures",
-    "auto_map",
-    "dtype",
-    "torch_dtype",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "use_cache",
-    "output_router_logits",
-}
-# Arguments whose change on resume changes what the resumed steps compute (allowed, with a warning).
-RESUME_WATCHED_ARGS = ("seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps", "seed")
-
-
-class SetupError(InputError):
-    """A bad argument, config, output directory or checkpoint, found before training starts."""
-
-
-@dataclass
-class TrainArguments:
-    config: str = field(metadata={"help": "model config JSON, e.g. configuration/spannorm-small.json"})
-    output: str = field(metadata={"help": "run directory: checkpoints/, metrics.jsonl, tensorboard/, final model"})
-    data: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "text/jsonl/parquet files or globs, or a Hub dataset name[:config]; default: embedded corpus"
-        },
-    )
-    text_column: str = field(default="text", metadata={"help": "column holding the documents (jsonl/parquet/Hub)"})
-    streaming: bool = field(default=False, metadata={"help": "stream the data (large Hub datasets); in order"})
-    tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer; default: train a BPE"})
-    val_size: float = field(default=0.01, metadata={"help": "held-out documents: fraction (<1) or count; 0: none"})
-    seq_len: int = field(default=512, metadata={"help": "tokens per packed row"})
-    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=1000, metadata={"help": "optimizer steps (ignored if --max-tokens is set)"})
-    max_tokens: int | None = field(default=None, metadata={"help": "train for this many tokens instead"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "a transformers scheduler name"})
-    warmup_steps: float = field(default=0.05, metadata={"help": "warmup steps, or a fraction of all steps if < 1"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0: off"})
-    mixed_precision: str | None = field(
-        default=None, metadata={"help": "no | bf16 | fp16; default: the accelerate config's, else fp32"}
-    )
-    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
-    attn_implementation: str | None = field(
-        default=None,
-        metadata={
-            "help": "eager | sdpa | flex_attention | flash_attention_2; default: flash_attention_2 when installed "
-            "and training in bf16/fp16 on a GPU (varlen kernels for packed documents), else sdpa"
-        },
-    )
-    compile: bool = field(default=False, metadata={"help": "torch.compile (inductor) through accelerate"})
-    seed: int = 0
-    log_every: int = field(default=10, metadata={"help": "steps between metric records"})
-    eval_every: int = field(default=200, metadata={"help": "steps between validation passes"})
-    eval_batches: int = field(default=20, metadata={"help": "validation micro-batches per process per pass"})
-    diag_every: int = field(default=100, metadata={"help": "steps between per-block diagnostics; 0: off"})
-    save_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
-    keep_last: int = field(default=3, metadata={"help": "checkpoints kept"})
-    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint directory"})
-    push_to_hub: str | None = field(
-        default=None,
-        metadata={"help": "Hub repo (namespace/name): each checkpoint's model goes to a branch, the final to main"},
-    )
-
-    def __post_init__(self):
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("keep_last", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise SetupError(f"--max-tokens must be >= 1, got {self.max_tokens}")
-        if self.diag_every < 0 or self.val_size < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
-            raise SetupError("--diag-every, --val-size, --warmup-steps and --max-grad-norm must be >= 0")
-        if self.lr <= 0:
-            raise SetupError(f"--lr must be > 0, got {self.lr}")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
-            raise SetupError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
-            raise SetupError("--attn-implementation flash_attention_2 needs the flash-attn package and a CUDA GPU")
-
-
-def parse_args(argv: list[str] | None = None) -> TrainArguments:
-    """Command-line arguments (both --seq-len and --seq_len spellings work)."""
-    parser = ArgumentParser(TrainArguments, description="Pretrain a SpanNorm model with Accelerate.")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    return args
-
-
-class JSONLTracker(GeneralTracker):
-    """An accelerate tracker writing one JSON object per `log` call to `<output>/metrics.jsonl`."""
-
-    name = "jsonl"
-    requires_logging_directory = False
-
-    def __init__(self, output: str):
-        super().__init__()
-        self.path = Path(output) / "metrics.jsonl"
-        self.file = None
-
-    @property
-    def tracker(self):
-        return self.file
-
-    def start(self):
-        self.file = open(self.path, "a", encoding="utf-8")
-
-    def store_init_configuration(self, values: dict):
-        self._write({"event": "config", **values})
-
-    def log(self, values: dict, step: int | None = None, **kwargs):
-        self._write({"step": step, **values})
-
-    def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def finish(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+__all__ = [
+    "Trainer",
+    "TrainArguments",
+    "TrainResult",
+    "build_accelerator",
+    "load_config",
+    "main",
+    "parse_args",
+    "train",
+]
 
 
 class TrainProgress:
@@ -236,98 +112,16 @@ class StopSignal:
 
 def build_accelerator(args: TrainArguments, timeout: timedelta | None = None) -> Accelerator:
     """The run's Accelerator: distribution from `accelerate launch`, JSONL + TensorBoard trackers."""
-    trackers: list = [JSONLTracker(args.output)]
-    if is_tensorboard_available():
-        trackers.append("tensorboard")
     return Accelerator(
         mixed_precision=args.mixed_precision,
-        log_with=trackers,
+        log_with=trackers(args.output),
         project_config=ProjectConfiguration(
-            project_dir=args.output, logging_dir=os.path.join(args.output, "tensorboard")
+            project_dir=args.output, logging_dir=os.path.join(args.output, TENSORBOARD_DIR)
         ),
         dynamo_backend="inductor" if args.compile else None,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)] if timeout else None,
     )
-
-
-def load_config(args: TrainArguments) -> SpanNormConfig:
-    try:
-        config = SpanNormConfig.from_json_file(args.config)
-    except (OSError, ValueError) as err:
-        raise SetupError(f"--config {args.config!r}: {err}") from err
-    if args.seq_len > config.max_position_embeddings:
-        raise SetupError(
-            f"--seq-len {args.seq_len} exceeds the config's max_position_embeddings={config.max_position_embeddings}"
-        )
-    return config
-
-
-def prepare_output_dir(output: str) -> Path:
-    """Create the run directory and prove it is writable, before any work."""
-    path = Path(output)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise SetupError(f"output directory {output!r} is not writable: {err}") from err
-    return path
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.removeprefix("step-"))
-
-
-def list_checkpoints(output: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary directories are never listed)."""
-    root = output / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name.removeprefix("step-").isdigit()]
-    return sorted(found, key=checkpoint_step)
-
-
-def find_resume_checkpoint(resume: str | None, output: Path) -> Path | None:
-    existing = list_checkpoints(output)
-    if resume is None:
-        if existing:
-            raise SetupError(
-                f"{output} already holds checkpoints (latest {existing[-1].name}); "
-                "pass --resume latest to continue that run, or choose a new --output"
-            )
-        return None
-    if resume == "latest":
-        return existing[-1] if existing else None
-    path = Path(resume)
-    if not (path / "train_state.json").is_file():
-        raise SetupError(f"--resume {resume!r} is not a checkpoint directory (no train_state.json)")
-    newer = [p.name for p in existing if checkpoint_step(p) > checkpoint_step(path)]
-    if path.resolve().parent == (output / CHECKPOINTS).resolve() and newer:
-        raise SetupError(
-            f"--resume {resume!r}: {output} holds newer checkpoints {newer}; delete them or use a new --output"
-        )
-    return path
-
-
-def check_resume_compatible(checkpoint: Path, config: SpanNormConfig, args: TrainArguments) -> dict:
-    """Raise if the checkpoint's model or tokenizer differs; warn if arguments that change what the resumed steps
-    compute differ. Returns the checkpoint's train_state.json."""
-    saved, current = SpanNormConfig.from_json_file(checkpoint / "config.json").to_dict(), config.to_dict()
-    keys = (saved.keys() | current.keys()) - RESUME_IGNORED_FIELDS
-    diff = {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
-    if diff:
-        lines = ", ".join(f"{k}: checkpoint {a!r} vs --config {b!r}" for k, (a, b) in diff.items())
-        raise SetupError(f"cannot resume {checkpoint}: the model config differs ({lines})")
-    state = json.loads((checkpoint / "train_state.json").read_text())
-    changed = {
-        k: (state["args"][k], getattr(args, k)) for k in RESUME_WATCHED_ARGS if state["args"][k] != getattr(args, k)
-    }
-    if changed:
-        warnings.warn(f"resuming {checkpoint} with changed arguments (checkpoint, now): {changed}", stacklevel=2)
-    if args.tokenizer is not None:
-        ours = tokenizer_fingerprint(AutoTokenizer.from_pretrained(args.tokenizer))
-        if ours != state["tokenizer_fingerprint"]:
-            raise SetupError(f"cannot resume {checkpoint}: --tokenizer {args.tokenizer!r} is not the run's tokenizer")
-    return state
 
 
 def default_attention(accelerator: Accelerator) -> str:
@@ -346,90 +140,6 @@ def make_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2))
-
-
-def save_checkpoint(
-    accelerator: Accelerator,
-    output: Path,
-    step: int,
-    keep_last: int,
-    config: SpanNormConfig,
-    tokenizer,
-    train_state: dict,
-    stream: StreamRows | None,
-) -> Path:
-    """`accelerator.save_state` into a temporary directory, renamed into place once complete."""
-    root = output / CHECKPOINTS
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if stream is not None:
-        state_file = tmp / f"stream_state_{accelerator.process_index}.json"
-        state_file.write_text(json.dumps(stream.state_dict()))
-    if accelerator.is_main_process:
-        config.to_json_file(tmp / "config.json")
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step}, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            stale = root / f".old-step-{step:08d}"
-            final.rename(stale)
-            shutil.rmtree(stale)
-        tmp.rename(final)
-        for old in list_checkpoints(output)[:-keep_last]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def export_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, output: Path) -> None:
-    """`save_pretrained` of the full model (safetensors, config with auto_map and code, tokenizer,
-    generation_config) into the run directory; files are moved in one by one, config.json last."""
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards (a collective: every rank calls it)
-    if accelerator.is_main_process:
-        tmp = output / ".tmp-export"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
-        finish_export(tmp, tokenizer, Path(accelerator.project_dir or output) / METRICS_FILE)  # + card details
-        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
-        for name in names:
-            os.replace(tmp / name, output / name)
-        tmp.rmdir()
-    accelerator.wait_for_everyone()
-
-
-def push_model(accelerator: Accelerator, model, tokenizer, output: Path, step: int, pusher, final: bool) -> None:
-    """Export the model as it is now into `hub-uploads/step-N` and hand it to the background `CheckpointPusher`
-    (model, config + code, tokenizer, card; no optimizer state); the folder is removed once its upload is done.
-    Every rank calls this (the export gathers FSDP shards); only the main process holds a pusher."""
-    folder = output / HUB_UPLOADS / f"step-{step:08d}"
-    export_model(accelerator, model, tokenizer, folder)
-    if pusher is None:
-        return
-    if final:
-        pusher.finish(folder, commit_message=f"Final model, step {step}")
-        shutil.rmtree(output / HUB_UPLOADS, ignore_errors=True)
-        return
-    future = pusher.push(folder, commit_message=f"Checkpoint at step {step}")
-    if future is None:
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        future.add_done_callback(lambda _: shutil.rmtree(folder, ignore_errors=True))
-
-
-def truncate_metrics(output: Path, step: int) -> None:
-    """Drop metric records past `step` (a killed run may have logged beyond its last checkpoint)."""
-    path = output / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if (json.loads(line).get("step") or 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -451,7 +161,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, val, batch_size: 
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
 
-def _prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, checkpoint: Path | None, config):
+def prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, checkpoint: Path | None, config):
     """Documents -> tokenizer -> validation split -> packed rows (main process first, others read the cache)."""
     with accelerator.main_process_first():
         docs = load_documents(args.data, args.text_column, streaming=args.streaming)
@@ -466,7 +176,8 @@ def _prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, 
     else:  # train once, on the main process; the others load the saved result
         if accelerator.is_main_process:
             tokenizer = load_or_train_tokenizer(None, train_docs, config.vocab_size)
-            tokenizer.save_pretrained(output)  # the export writes the same files there at the end
+            with naming_disk_full(output / "tokenizer.json"):
+                tokenizer.save_pretrained(output)  # the export writes the same files there at the end
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             tokenizer = AutoTokenizer.from_pretrained(output)
@@ -480,203 +191,295 @@ def _prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, 
     return tokenizer, train_rows, val_rows
 
 
-def train(args: TrainArguments, accelerator: Accelerator | None = None) -> TrainResult:
-    """Run (or resume) pretraining as described by `args`; `accelerator` defaults to `build_accelerator(args)`."""
-    config = load_config(args)
-    output = prepare_output_dir(args.output)
-    checkpoint = find_resume_checkpoint(args.resume, output)
-    saved_state = check_resume_compatible(checkpoint, config, args) if checkpoint else None
-    accelerator = accelerator or build_accelerator(args)
-    world = accelerator.num_processes
-    pusher = None
-    if args.push_to_hub:
-        try:  # a bad repo id stops the run here; no token or no network only warns, later, and training goes on
-            check_repo_id(args.push_to_hub)
-            if accelerator.is_main_process:
-                pusher = CheckpointPusher(args.push_to_hub)
+@dataclass
+class StepStats:
+    """What one optimizer step measured, reduced over processes."""
+
+    loss: float
+    aux_loss: float | None
+    grad_norm: float | None
+    stopping: bool
+    blocks: dict[str, float] = field(default_factory=dict)  # per-block diagnostics, on diagnostic steps
+
+
+class Trainer:
+    """One run. `__init__` checks every input, then sets up the output, data, model and optimizer (restoring a
+    checkpoint when resuming); `train` is the loop of step / log / evaluate / checkpoint; `finish` exports the
+    model, or says how to resume a run stopped by a signal."""
+
+    def __init__(self, args: TrainArguments, accelerator: Accelerator | None = None):
+        self.args, self.config = args, load_config(args)
+        self.checkpointer = Checkpointer(check_output(args), args.keep_last)
+        self.output = self.checkpointer.output
+        self.resume_from = self.checkpointer.find(args.resume, args.overwrite)
+        saved = Checkpointer.check_compatible(self.resume_from, self.config, args) if self.resume_from else None
+        self.accelerator = accelerator = accelerator or build_accelerator(args)
+        self.world = accelerator.num_processes
+        self.pusher = self._hub_pusher()
+        if saved and args.streaming and saved["num_processes"] != self.world:
+            raise SetupError(f"cannot resume a streaming run of {saved['num_processes']} processes on {self.world}")
+        accelerator.wait_for_everyone()  # every process has checked the output directory before it is claimed
+        if accelerator.is_main_process:
+            claim_output(self.output, args.overwrite, fresh=self.resume_from is None)
+            self.checkpointer.remove_leftovers()
+        accelerator.wait_for_everyone()
+        self.tokenizer, train_rows, self.val_rows = prepare_data(
+            args, accelerator, self.output, self.resume_from, self.config
+        )
+        self.tokens_per_step = args.batch_size * args.grad_accum * self.world * args.seq_len
+        self.max_steps = resolve_max_steps(args, self.tokens_per_step)
+        self._build_model()
+        self.progress = TrainProgress()
+        self.stream = StreamRows(train_rows, accelerator.process_index, self.world) if args.streaming else None
+        self.rows = None if args.streaming else ShuffledRows(train_rows, args.seed)
+        if self.resume_from is not None:
+            restored = (self.model, self.optimizer, self.scheduler, self.progress, self.stream)
+            Checkpointer.load(accelerator, self.resume_from, *restored)
+        self._start_logging(None if args.streaming else len(train_rows))
+
+    def _hub_pusher(self) -> CheckpointPusher | None:
+        """A bad repo id stops the run here; no token or no network only warns, later, and training goes on."""
+        if not self.args.push_to_hub:
+            return None
+        try:
+            check_repo_id(self.args.push_to_hub)
+            return CheckpointPusher(self.args.push_to_hub) if self.accelerator.is_main_process else None
         except ValueError as err:
             raise SetupError(str(err)) from err
-    if saved_state and args.streaming and saved_state["num_processes"] != world:
-        raise SetupError(f"cannot resume a streaming run of {saved_state['num_processes']} processes on {world}")
-    if accelerator.is_main_process:
-        for leftover in (output / CHECKPOINTS).glob(".*-step-*"):  # from a run killed while saving
-            shutil.rmtree(leftover)
 
-    tokenizer, train_rows, val_rows = _prepare_data(args, accelerator, output, checkpoint, config)
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def _build_model(self) -> None:
+        args, config, tokenizer = self.args, self.config, self.tokenizer
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        warmup = int(args.warmup_steps * self.max_steps) if args.warmup_steps < 1 else int(args.warmup_steps)
+        set_seed(args.seed)
+        self.attention = args.attn_implementation or default_attention(self.accelerator)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=self.attention)
+        if args.activation_checkpointing:
+            model.activation_checkpointing_enable()
+        optimizer = make_optimizer(model, args)
+        self.scheduler = get_scheduler(
+            args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.max_steps
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self.moe = config.num_experts > 0
 
-    rows_per_step = args.batch_size * args.grad_accum * world
-    tokens_per_step = rows_per_step * args.seq_len
-    max_steps = resolve_max_steps(args, tokens_per_step)
-    warmup = int(args.warmup_steps * max_steps) if args.warmup_steps < 1 else int(args.warmup_steps)
-
-    set_seed(args.seed)
-    attention = args.attn_implementation or default_attention(accelerator)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
-    if args.activation_checkpointing:
-        model.activation_checkpointing_enable()
-    optimizer = make_optimizer(model, args)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    progress = TrainProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
-    stream = StreamRows(train_rows, accelerator.process_index, world) if args.streaming else None
-    rows = None if args.streaming else ShuffledRows(train_rows, args.seed)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        if stream is not None:
-            stream.load_state_dict(
-                json.loads((checkpoint / f"stream_state_{accelerator.process_index}.json").read_text())
-            )
-    if accelerator.is_main_process:  # records past our starting step belong to a run that died after them
-        truncate_metrics(output, progress.step)
-    unwrapped = accelerator.unwrap_model(model)
-    moe = config.num_experts > 0
-    train_state = {
-        "num_processes": world,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "args": asdict(args),
-    }
-
-    run_config = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in asdict(args).items()}
-    # TensorBoard likewise drops the events a killed run wrote past the checkpoint it is resumed from
-    tensorboard = {"tensorboard": {"purge_step": progress.step + 1}} if checkpoint else {}
-    accelerator.init_trackers("spannorm", config=run_config, init_kwargs=tensorboard)
-    setup = {
-        "event": "setup",
-        "num_processes": world,
-        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-        "mixed_precision": accelerator.mixed_precision,
-        "attn_implementation": attention,
-        "max_steps": max_steps,
-        "tokens_per_step": tokens_per_step,
-        "train_rows": None if args.streaming else len(train_rows),
-        "val_rows": len(val_rows) if val_rows is not None else 0,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        **parameter_counts(model).as_record(),
-    }
-    accelerator.log(setup, step=progress.step)
-    accelerator.print(
-        f"training {setup['params_total'] / 1e6:.2f}M parameters on {world} process(es) "
-        f"({setup['distributed_type']}), {max_steps} steps of {tokens_per_step} tokens"
-        + (f", resuming at step {progress.step}" if checkpoint else "")
-    )
-
-    def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
-        if stream is not None:
-            batch = stream.take(args.batch_size)
-        else:
-            start = (step * args.grad_accum + micro) * args.batch_size * world
-            batch = rows.take(start + accelerator.process_index * args.batch_size, args.batch_size)
-        return {k: v.to(accelerator.device) for k, v in batch.items()}
-
-    def checkpoint_now() -> Path:
-        return save_checkpoint(
-            accelerator, output, progress.step, args.keep_last, config, tokenizer, train_state, stream
+    def _start_logging(self, train_rows: int | None) -> None:
+        """Trackers, the run's setup record, and the train_state.json every checkpoint carries."""
+        args, accelerator, step = self.args, self.accelerator, self.progress.step
+        if accelerator.is_main_process:  # records past our starting step belong to a run that died after them
+            truncate_metrics(self.output, step)
+        self.train_state = {
+            "num_processes": self.world,
+            "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+            "args": asdict(args),
+        }
+        run_config = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in asdict(args).items()}
+        # TensorBoard likewise drops the events a killed run wrote past the checkpoint it is resumed from
+        tensorboard = {"tensorboard": {"purge_step": step + 1}} if self.resume_from else {}
+        accelerator.init_trackers("spannorm", config=run_config, init_kwargs=tensorboard)
+        setup = {
+            "event": "setup",
+            "num_processes": self.world,
+            "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+            "mixed_precision": accelerator.mixed_precision,
+            "attn_implementation": self.attention,
+            "max_steps": self.max_steps,
+            "tokens_per_step": self.tokens_per_step,
+            "train_rows": train_rows,
+            "val_rows": len(self.val_rows) if self.val_rows is not None else 0,
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            **parameter_counts(self.model).as_record(),
+        }
+        accelerator.log(setup, step=step)
+        accelerator.print(
+            f"training {setup['params_total'] / 1e6:.2f}M parameters on {self.world} process(es) "
+            f"({setup['distributed_type']}), {self.max_steps} steps of {self.tokens_per_step} tokens"
+            + (f", resuming at step {step}" if self.resume_from else "")
         )
 
-    last_saved = progress.step if checkpoint else None
-    interrupted = False
-    bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train")
-    window_start, window_tokens = time.perf_counter(), 0
-    model.train()
-    with StopSignal() as stop:
-        while progress.step < max_steps:
-            step = progress.step
-            batches = [micro_batch(step, m) for m in range(args.grad_accum)]
-            targets = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
-            targets = accelerator.reduce(targets.to(accelerator.device), reduction="sum")
-            diagnose = args.diag_every > 0 and (step + 1) % args.diag_every == 0
-            lm_sum = torch.zeros((), device=accelerator.device)
-            aux_sum = torch.zeros((), device=accelerator.device)
-            if diagnose:  # an eager no-grad forward: hooks do not fire inside a torch.compile'd training forward
-                with torch.no_grad(), BlockStats(unwrapped) as block_stats:
-                    unwrapped(
-                        input_ids=batches[0]["input_ids"], position_ids=batches[0]["position_ids"], use_cache=False
-                    )
-            for m, batch in enumerate(batches):
-                sync = nullcontext() if m == args.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    out = model(**batch, use_cache=False, num_items_in_batch=targets, output_router_logits=moe)
-                    lm = out.loss if out.aux_loss is None else out.loss - config.router_aux_loss_coef * out.aux_loss
-                    objective = lm * world  # gradients are averaged over processes; the loss is a global mean
-                    if out.aux_loss is not None:
-                        objective = objective + config.router_aux_loss_coef * out.aux_loss / args.grad_accum
-                    accelerator.backward(objective)
-                lm_sum += lm.detach()
-                if out.aux_loss is not None:
-                    aux_sum += out.aux_loss.detach()
-            grad_norms = block_grad_norms(unwrapped) if diagnose else None
-            grad_norm = None
-            if args.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.tokens += tokens_per_step
-            window_tokens += tokens_per_step
+    # ------------------------------------------------------------------------------------------------ the loop
 
-            flags = torch.stack([lm_sum, aux_sum, torch.tensor(float(stop.signum > 0), device=accelerator.device)])
-            flags = accelerator.reduce(flags, reduction="sum")
-            loss = flags[0].item()
-            stopping = flags[2].item() > 0
-            bar.update(1)
-            metrics = {}
-            if progress.step % args.log_every == 0 or progress.step == max_steps or stopping:
-                elapsed = time.perf_counter() - window_start
-                metrics = {
-                    "loss": loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens": progress.tokens,
-                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                }
-                if moe:
-                    metrics["aux_loss"] = flags[1].item() / (args.grad_accum * world)
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                window_start, window_tokens = time.perf_counter(), 0
-            if diagnose:
-                rms = accelerator.reduce(torch.tensor(block_stats.output_rms, device=accelerator.device), "mean")
-                cos = accelerator.reduce(torch.tensor(block_stats.cosine, device=accelerator.device), "mean")
-                for i, (r, c, g) in enumerate(zip(rms.tolist(), cos.tolist(), grad_norms, strict=True)):
-                    metrics[f"block_{i}/output_rms"] = r
-                    metrics[f"block_{i}/cosine"] = c
-                    metrics[f"block_{i}/grad_norm"] = g
-            if val_rows is not None and (progress.step % args.eval_every == 0 or progress.step == max_steps):
-                metrics.update(evaluate(accelerator, model, val_rows, args.batch_size, args.eval_batches))
-            if metrics:
-                accelerator.log(metrics, step=progress.step)
-            if progress.step % args.save_every == 0 or progress.step == max_steps or stopping:
-                checkpoint = checkpoint_now()
-                last_saved = progress.step
-                if args.push_to_hub and progress.step < max_steps:
-                    push_model(accelerator, model, tokenizer, output, progress.step, pusher, final=False)
-            if stopping:
-                interrupted = True
-                break
-    bar.close()
-    if last_saved != progress.step:  # e.g. resumed at max_steps
-        checkpoint = checkpoint_now()
-    if interrupted:
-        accelerator.print(f"stopped by a signal at step {progress.step}; resume with --resume latest ({checkpoint})")
-    else:
-        export_model(accelerator, model, tokenizer, output)
-        accelerator.print(f"done: {progress.step} steps; model exported to {output}")
-        if args.push_to_hub:
-            push_model(accelerator, model, tokenizer, output, progress.step, pusher, final=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(progress.step, interrupted, output, checkpoint, model)
+    def train(self) -> TrainResult:
+        """Step, log, evaluate and checkpoint until max_steps, or until a signal asks to stop."""
+        args, progress = self.args, self.progress
+        checkpoint, last_saved = self.resume_from, progress.step if self.resume_from else None
+        interrupted = False
+        bar = tqdm(
+            total=self.max_steps, initial=progress.step, disable=not self.accelerator.is_main_process, desc="train"
+        )
+        self.throughput = Throughput()
+        self.model.train()
+        with StopSignal() as stop:
+            while progress.step < self.max_steps:
+                stats = self.train_step(stop)
+                bar.update(1)
+                metrics = self.step_metrics(stats, bar)
+                if self.val_rows is not None and self._due(args.eval_every):
+                    metrics.update(self.evaluate())
+                if metrics:
+                    self.accelerator.log(metrics, step=progress.step)
+                if self._due(args.save_every) or stats.stopping:
+                    checkpoint, last_saved = self.save_checkpoint(), progress.step
+                    if args.push_to_hub and progress.step < self.max_steps:
+                        self.push(final=False)
+                if stats.stopping:
+                    interrupted = True
+                    break
+        bar.close()
+        if last_saved != progress.step:  # e.g. resumed at max_steps
+            checkpoint = self.save_checkpoint()
+        return self.finish(interrupted, checkpoint)
+
+    def _due(self, every: int) -> bool:
+        return self.progress.step % every == 0 or self.progress.step == self.max_steps
+
+    def train_step(self, stop: "StopSignal") -> StepStats:
+        """One optimizer step over `grad_accum` micro-batches per process; the loss is the global token mean."""
+        args, accelerator, step = self.args, self.accelerator, self.progress.step
+        batches = [self._micro_batch(step, m) for m in range(args.grad_accum)]
+        targets = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
+        targets = accelerator.reduce(targets.to(accelerator.device), reduction="sum")
+        diagnose = args.diag_every > 0 and (step + 1) % args.diag_every == 0
+        block_stats = self._block_forward(batches[0]) if diagnose else None
+        lm_sum, aux_sum = self._forward_backward(batches, targets)
+        grad_norms = block_grad_norms(self.unwrapped) if diagnose else None
+        grad_norm = self._optimizer_step()
+        self.progress.step += 1
+        self.progress.tokens += self.tokens_per_step
+        self.throughput.add(self.tokens_per_step)
+        flags = torch.stack([lm_sum, aux_sum, torch.tensor(float(stop.signum > 0), device=accelerator.device)])
+        flags = accelerator.reduce(flags, reduction="sum")
+        return StepStats(
+            loss=flags[0].item(),
+            aux_loss=flags[1].item() / (args.grad_accum * self.world) if self.moe else None,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            stopping=flags[2].item() > 0,
+            blocks=self._block_metrics(block_stats, grad_norms) if diagnose else {},
+        )
+
+    def _micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        args, accelerator = self.args, self.accelerator
+        if self.stream is not None:
+            batch = self.stream.take(args.batch_size)
+        else:
+            start = (step * args.grad_accum + micro) * args.batch_size * self.world
+            batch = self.rows.take(start + accelerator.process_index * args.batch_size, args.batch_size)
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    def _forward_backward(self, batches: list[dict], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward of every micro-batch (gradients synchronised on the last); the summed LM and aux losses."""
+        args, accelerator, coef = self.args, self.accelerator, self.config.router_aux_loss_coef
+        lm_sum = torch.zeros((), device=accelerator.device)
+        aux_sum = torch.zeros((), device=accelerator.device)
+        for m, batch in enumerate(batches):
+            sync = nullcontext() if m == args.grad_accum - 1 else accelerator.no_sync(self.model)
+            with sync:
+                out = self.model(**batch, use_cache=False, num_items_in_batch=targets, output_router_logits=self.moe)
+                lm = out.loss if out.aux_loss is None else out.loss - coef * out.aux_loss
+                objective = lm * self.world  # gradients are averaged over processes; the loss is a global mean
+                if out.aux_loss is not None:
+                    objective = objective + coef * out.aux_loss / args.grad_accum
+                accelerator.backward(objective)
+            lm_sum += lm.detach()
+            if out.aux_loss is not None:
+                aux_sum += out.aux_loss.detach()
+        return lm_sum, aux_sum
+
+    def _optimizer_step(self) -> torch.Tensor | None:
+        """Clip, step the optimizer and the schedule, zero the gradients; the gradient norm before clipping."""
+        grad_norm = None
+        if self.args.max_grad_norm > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _block_forward(self, batch: dict) -> BlockStats:
+        """An eager no-grad forward with hooks: they do not fire inside a torch.compile'd training forward."""
+        with torch.no_grad(), BlockStats(self.unwrapped) as block_stats:
+            self.unwrapped(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        return block_stats
+
+    def _block_metrics(self, block_stats: BlockStats, grad_norms: list[float]) -> dict[str, float]:
+        accelerator, device = self.accelerator, self.accelerator.device
+        rms = accelerator.reduce(torch.tensor(block_stats.output_rms, device=device), "mean")
+        cos = accelerator.reduce(torch.tensor(block_stats.cosine, device=device), "mean")
+        metrics = {}
+        for i, (r, c, g) in enumerate(zip(rms.tolist(), cos.tolist(), grad_norms, strict=True)):
+            metrics.update({f"block_{i}/output_rms": r, f"block_{i}/cosine": c, f"block_{i}/grad_norm": g})
+        return metrics
+
+    def step_metrics(self, stats: StepStats, bar) -> dict[str, float]:
+        """The step's record: loss, lr, tokens, throughput on logging steps; block diagnostics when measured."""
+        metrics = {}
+        if self._due(self.args.log_every) or stats.stopping:
+            metrics = {
+                "loss": stats.loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "tokens": self.progress.tokens,
+                "tokens_per_s": self.throughput.rate(),
+            }
+            if stats.aux_loss is not None:
+                metrics["aux_loss"] = stats.aux_loss
+            if stats.grad_norm is not None:
+                metrics["grad_norm"] = stats.grad_norm
+            bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        return {**metrics, **stats.blocks}
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.accelerator, self.model, self.val_rows, self.args.batch_size, self.args.eval_batches)
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            **self.train_state,
+            **self.progress.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+        }
+        return self.checkpointer.save(
+            self.accelerator, self.progress.step, state, self.model, self.optimizer, self.config, self.tokenizer,
+            self.stream,
+        )  # fmt: skip
+
+    def push(self, final: bool) -> None:
+        push_model(
+            self.accelerator, self.model, self.tokenizer, self.output, self.progress.step, self.pusher, final=final
+        )
+
+    def finish(self, interrupted: bool, checkpoint: Path | None) -> TrainResult:
+        """Export the model (the step where the run's end products are written), or say how to resume."""
+        accelerator, step = self.accelerator, self.progress.step
+        if interrupted:
+            accelerator.print(f"stopped by a signal at step {step}; resume with --resume latest ({checkpoint})")
+        else:
+            export_model(accelerator, self.model, self.tokenizer, self.output)
+            accelerator.print(f"done: {step} steps; model exported to {self.output}")
+            if self.args.push_to_hub:
+                self.push(final=True)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainResult(step, interrupted, self.output, checkpoint, self.model)
+
+
+def train(args: TrainArguments, accelerator: Accelerator | None = None) -> TrainResult:
+    """Run (or resume) pretraining as described by `args`; `accelerator` defaults to `build_accelerator(args)`."""
+    return Trainer(args, accelerator).train()
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
     """`spannorm-train` / scripts/train.py: 0 when done, 130 when stopped by a signal, 2 (one `error:` line) for
-    bad input."""
-    result = train(parse_args(argv))
+    bad input or a full disk."""
+    args = parse_args(argv)
+    try:
+        result = train(args)
+    except Exception as err:  # a full disk reported by a writer we do not wrap (e.g. TensorBoard's)
+        if isinstance(err, DiskFullError) or not is_disk_full(err):
+            raise
+        raise DiskFullError(args.output) from err
     return 130 if result.interrupted else 0

@@ -1,0 +1,215 @@
+"""Writing files and folders without ever losing what was there before: the one home of two rules that every
+command writing to disk follows.
+
+- **Atomic writes.** A file is written next to its target and renamed over it (`atomic_write_text`,
+  `atomic_write_bytes`), and a folder is built in a staging sibling and moved in (`atomic_output_dir`), so a
+  crash or a full disk never leaves half a file where a reader will look.
+- **Output-folder ownership.** A command writes only into a folder that is new, empty, or carries the marker
+  file (`.spannorm-output.json`) that the same command wrote there for the same kind of output. Anything else
+  is refused before any work starts, with an error naming the folder and the option that overrides it
+  (`--overwrite`); even then only the files the command itself writes are replaced, and nothing else in the
+  folder is touched.
+
+A full disk is named (`DiskFullError`: "no space left on device while writing X") rather than surfacing as
+whatever the failing library says (`RuntimeError: basic_ios::clear`, a safetensors `IoError`).
+"""
+
+import errno
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+OUTPUT_MARKER = ".spannorm-output.json"
+# Kinds of output folder -> what writes them (for error messages).
+OUTPUT_KINDS = {
+    "training-run": "a training run (scripts/train.py --output)",
+    "hub-folder": "a Hub folder (scripts/publish.py --output-dir)",
+    "lora-adapter": "a LoRA adapter (scripts/finetune_lora.py --output)",
+    "merged-model": "a merged model (scripts/finetune_lora.py --merge)",
+}
+
+
+class OutputDirError(FileExistsError):
+    """An output folder the command may not write into; the message says why and which option overrides it."""
+
+
+class DiskFullError(OSError):
+    """No space left on the device while writing a named file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        super().__init__(errno.ENOSPC, f"no space left on device while writing {self.path}")
+
+    def __str__(self) -> str:
+        return f"no space left on device while writing {self.path} (free some space, then run again)"
+
+
+# ------------------------------------------------------------------------------------------------------ disk full
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for out-of-space failures, however the writing library reports them (OSError ENOSPC/EDQUOT, torch's
+    `basic_ios::clear` / `PytorchStreamWriter failed writing`, safetensors' `StorageFull` IoError)."""
+    if isinstance(error, DiskFullError):
+        return True
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return any(sign in text for sign in ("No space left on device", "StorageFull", "os error 28", "QuotaExceeded"))
+
+
+@contextmanager
+def naming_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an out-of-space failure inside the block as `DiskFullError(path)`; other errors pass through.
+    Torch reports a full disk as `basic_ios::clear` or a stream-writer failure without the errno, so for those the
+    free space of `path`'s device decides."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if is_disk_full(error) or (_vague_write_error(error) and _device_nearly_full(path)):
+            raise DiskFullError(path) from error
+        raise
+
+
+def _vague_write_error(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, (RuntimeError, OSError)) and ("basic_ios" in text or "failed writing" in text)
+
+
+def _device_nearly_full(path: str | os.PathLike, margin: int = 1 << 20) -> bool:
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
+
+
+# -------------------------------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write via a temporary file in the same folder, fsync, and rename, so readers never see half a file."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with naming_disk_full(path), open(staging, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    """`atomic_write_text` of indented JSON with a final newline."""
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- output folders
+
+
+def read_output_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ownership marker of `folder`, or None when it has none (or an unreadable one: then it is not ours)."""
+    try:
+        marker = json.loads((Path(folder) / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("kind") in OUTPUT_KINDS else None
+
+
+def check_output_dir(path: str | os.PathLike, kind: str, *, flag: str, overwrite: bool = False) -> Path:
+    """Refuse (OutputDirError) an output folder that is neither new, nor empty, nor marked as `kind` by an
+    earlier run of the same command, unless `overwrite`. Writes nothing: call it before any work."""
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"unknown output kind {kind!r}")
+    path = Path(path).expanduser()
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise OutputDirError(f"{flag} {str(path)!r} exists and is not a folder: choose a folder path")
+    entries = sorted(entry.name for entry in path.iterdir())
+    marker = read_output_marker(path)
+    if not entries or (marker is not None and marker["kind"] == kind) or overwrite:
+        return path
+    if marker is not None:
+        what = f"holds {OUTPUT_KINDS[marker['kind']]}"
+    else:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        what = f"is not empty ({shown}) and was not created by this command"
+    raise OutputDirError(
+        f"{flag} {str(path)!r} {what}: refusing to write {OUTPUT_KINDS[kind].split(' (')[0]} into it; choose a new "
+        f"folder, or pass --overwrite to replace only the files this command writes"
+    )
+
+
+def claim_output_dir(path: str | os.PathLike, kind: str, *, flag: str, overwrite: bool = False) -> Path:
+    """`check_output_dir`, then create the folder and mark it as `kind` (keeping the file list of an earlier
+    output of the same kind). Returns the folder."""
+    path = check_output_dir(path, kind, flag=flag, overwrite=overwrite)
+    path.mkdir(parents=True, exist_ok=True)
+    marker = read_output_marker(path)
+    if marker is None or marker["kind"] != kind:
+        write_output_marker(path, kind, files=[])
+    return path
+
+
+def write_output_marker(folder: Path, kind: str, files: list[str]) -> None:
+    atomic_write_json(folder / OUTPUT_MARKER, {"kind": kind, "written_by": OUTPUT_KINDS[kind], "files": files})
+
+
+def _relative_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+@contextmanager
+def atomic_output_dir(
+    target: str | os.PathLike, kind: str, *, flag: str = "output folder", overwrite: bool = False
+) -> Iterator[Path]:
+    """Yield a staging sibling of `target`; if the body succeeds, move its files into `target`.
+
+    `target` must pass `check_output_dir` (new, empty, marked as `kind`, or `overwrite`). A new or empty target
+    is replaced by the staging folder in one rename. Otherwise the staged files are moved in one by one
+    (config.json last, so a loader never sees a config before its weights), files that an earlier output of
+    the same kind wrote and this one did not are removed, and every other file in the folder is left alone.
+    On failure nothing in `target` changes."""
+    target = check_output_dir(target, kind, flag=flag, overwrite=overwrite).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        check_output_dir(target, kind, flag=flag, overwrite=overwrite)  # nobody else wrote there meanwhile
+        files = [name for name in _relative_files(staging) if name != OUTPUT_MARKER]
+        if not target.exists() or not any(target.iterdir()):
+            write_output_marker(staging, kind, files)
+            if target.exists():
+                target.rmdir()
+            staging.rename(target)
+            return
+        previous = read_output_marker(target)
+        for name in sorted(files, key=lambda name: name == "config.json"):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, target / name)
+        if previous is not None and previous["kind"] == kind:
+            for stale in set(previous.get("files", [])) - set(files):
+                if ".." not in Path(stale).parts:
+                    (target / stale).unlink(missing_ok=True)
+        write_output_marker(target, kind, files)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

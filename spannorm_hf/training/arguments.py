@@ -1,0 +1,135 @@
+"""The arguments of `spannorm-train` (one dataclass, parsed by the shared `spannorm_hf.cli.ArgumentParser`) and
+the model config they name, both checked before anything is written."""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.activations import ACT2FN
+from transformers.utils import is_flash_attn_2_available
+
+from ..cli import ArgumentParser, InputError
+from ..configuration_spannorm import SpanNormConfig
+
+
+class SetupError(InputError):
+    """A bad argument, config, output directory or checkpoint, found before training starts."""
+
+
+@dataclass
+class TrainArguments:
+    config: str = field(metadata={"help": "model config JSON, e.g. configuration/spannorm-small.json"})
+    output: str = field(metadata={"help": "run directory: checkpoints/, metrics.jsonl, tensorboard/, final model"})
+    data: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "text/jsonl/parquet files or globs, or a Hub dataset name[:config]; default: embedded corpus"
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "column holding the documents (jsonl/parquet/Hub)"})
+    streaming: bool = field(default=False, metadata={"help": "stream the data (large Hub datasets); in order"})
+    tokenizer: str | None = field(default=None, metadata={"help": "existing tokenizer; default: train a BPE"})
+    val_size: float = field(default=0.01, metadata={"help": "held-out documents: fraction (<1) or count; 0: none"})
+    seq_len: int | None = field(
+        default=None, metadata={"help": "tokens per packed row; default: the config's max_position_embeddings"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps (ignored if --max-tokens is set)"})
+    max_tokens: int | None = field(default=None, metadata={"help": "train for this many tokens instead"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "a transformers scheduler name"})
+    warmup_steps: float = field(default=0.05, metadata={"help": "warmup steps, or a fraction of all steps if < 1"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0: off"})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no | bf16 | fp16; default: the accelerate config's, else fp32"}
+    )
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "eager | sdpa | flex_attention | flash_attention_2; default: flash_attention_2 when installed "
+            "and training in bf16/fp16 on a GPU (varlen kernels for packed documents), else sdpa"
+        },
+    )
+    compile: bool = field(default=False, metadata={"help": "torch.compile (inductor) through accelerate"})
+    seed: int = 0
+    log_every: int = field(default=10, metadata={"help": "steps between metric records"})
+    eval_every: int = field(default=200, metadata={"help": "steps between validation passes"})
+    eval_batches: int = field(default=20, metadata={"help": "validation micro-batches per process per pass"})
+    diag_every: int = field(default=100, metadata={"help": "steps between per-block diagnostics; 0: off"})
+    save_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    keep_last: int = field(default=3, metadata={"help": "checkpoints kept"})
+    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint directory"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "start a new run in an --output that holds an earlier run or files this command did not write "
+            "(only the files training writes are replaced: metrics, tensorboard events, checkpoints, the model)"
+        },
+    )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "Hub repo (namespace/name): each checkpoint's model goes to a branch, the final to main"},
+    )
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("keep_last", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise SetupError(f"--seq-len must be >= 1, got {self.seq_len}")
+        for name in ("lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "val_size"):
+            if not math.isfinite(getattr(self, name)):
+                raise SetupError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise SetupError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if self.diag_every < 0 or self.val_size < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise SetupError("--diag-every, --val-size, --warmup-steps and --max-grad-norm must be >= 0")
+        if self.lr <= 0:
+            raise SetupError(f"--lr must be > 0, got {self.lr}")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise SetupError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
+            raise SetupError("--attn-implementation flash_attention_2 needs the flash-attn package and a CUDA GPU")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArguments:
+    """Command-line arguments (both --seq-len and --seq_len spellings work)."""
+    parser = ArgumentParser(TrainArguments, description="Pretrain a SpanNorm model with Accelerate.")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def load_config(args: TrainArguments) -> SpanNormConfig:
+    """The model config, proven buildable (on the meta device: no memory) before anything is written; a missing
+    --seq-len becomes the config's context length."""
+    try:
+        config = SpanNormConfig.from_json_file(args.config)
+    except (OSError, ValueError, TypeError) as err:
+        raise SetupError(f"--config {args.config!r}: {err}") from err
+    if config.hidden_act not in ACT2FN:
+        raise SetupError(
+            f"--config {args.config!r}: hidden_act {config.hidden_act!r} is not an activation transformers knows "
+            "(e.g. silu, gelu, relu)"
+        )
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        problem = f"{type(err).__name__}: {err}"
+        raise SetupError(f"--config {args.config!r}: no model can be built from it: {problem}") from err
+    if args.seq_len is None:
+        args.seq_len = config.max_position_embeddings
+    if args.seq_len > config.max_position_embeddings:
+        raise SetupError(
+            f"--seq-len {args.seq_len} exceeds the config's max_position_embeddings={config.max_position_embeddings}"
+        )
+    return config

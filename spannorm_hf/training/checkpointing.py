@@ -1,0 +1,507 @@
+"""Training state on disk in formats that cannot run code, with a manifest that tells a corrupt checkpoint apart.
+
+A checkpoint folder holds:
+- `model.safetensors`: the full model state (FSDP shards are gathered on save and re-sharded on load);
+- `optimizer.safetensors` + `optimizer.json`: the optimizer's tensors, and its hyper-parameters and non-tensor
+  state, keyed by parameter name;
+- `train_state.json`: step, tokens, learning-rate scheduler, gradient scaler, run arguments;
+- `rng_state_<rank>.json` (and `stream_state_<rank>.json` when streaming): each process's RNG / stream position;
+- `config.json`, `tokenizer/`;
+- `manifest.json`, written last: every other file's name, size and sha256.
+
+Nothing is ever unpickled: tensors are read with safetensors, everything else with `json`. accelerate's
+`save_state` is not used because it pickles the scheduler, the step counter and the RNG state
+(`custom_checkpoint_*.pkl`, `random_states_*.pkl`) and unpickles them on load, and under FSDP writes
+torch.distributed.checkpoint folders whose `.metadata` is a pickle. A checkpoint whose manifest does not verify,
+that holds a pickle-format file, or whose files do not parse is refused with `CheckpointError` naming the file.
+"""
+
+import base64
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from transformers import AutoTokenizer
+
+from ..cli import InputError
+from ..configuration_spannorm import SpanNormConfig
+from ..files import (
+    OUTPUT_MARKER,
+    OutputDirError,
+    atomic_write_json,
+    check_output_dir,
+    claim_output_dir,
+    naming_disk_full,
+)
+from .arguments import SetupError, TrainArguments
+from .data import StreamRows, tokenizer_fingerprint
+from .export import HUB_UPLOADS
+from .metrics import METRICS_FILE, TENSORBOARD_DIR
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_VALUES = "optimizer.json"
+TRAIN_STATE = "train_state.json"
+# File types that are (or may be) pickles: never part of a checkpoint written here, never loaded.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt", ".metadata")
+
+
+class CheckpointError(InputError):
+    """A checkpoint that is incomplete, corrupt, or not in this format; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------------- manifest
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def write_manifest(folder: Path) -> None:
+    """The last step of a save: name, size and sha256 of every file in the checkpoint."""
+    entries = {
+        name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
+        for name in _files(folder)
+        if name != MANIFEST
+    }
+    with naming_disk_full(folder / MANIFEST):
+        atomic_write_json(folder / MANIFEST, {"format": 1, "files": entries})
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CheckpointError, naming the file, unless every file of `folder` is the one its manifest lists."""
+    for name in _files(folder):
+        if name.endswith(PICKLE_SUFFIXES):
+            raise CheckpointError(
+                f"{folder / name} is a pickle-format file: checkpoints written by spannorm train never hold one, "
+                "and resuming never loads one (this checkpoint was not written by this version of spannorm train)"
+            )
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or was written by an older version")
+    try:
+        entries = json.loads(path.read_text())["files"]
+        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path} is corrupt: {err}") from err
+    for name, (size, digest) in sorted(expected.items()):
+        file = folder / name
+        if ".." in Path(name).parts or not file.is_file():
+            raise CheckpointError(f"{file} is missing (listed in {MANIFEST})")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"{file} is truncated or changed: {file.stat().st_size} bytes, the manifest says {size}"
+            )
+        if sha256_of(file) != digest:
+            raise CheckpointError(f"{file} is corrupt: its sha256 differs from the manifest's")
+    extra = [name for name in _files(folder) if name != MANIFEST and name not in expected]
+    if extra:
+        raise CheckpointError(
+            f"{folder / extra[0]} is not listed in {MANIFEST}: the checkpoint was changed after saving"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- reading files
+
+
+def read_json(path: Path) -> Any:
+    """JSON from a checkpoint file; CheckpointError naming the file if it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is corrupt or unreadable: {err}") from err
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses tensors that share storage (tied weights): give each its own copy
+    seen, own = set(), {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else None
+        own[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    with naming_disk_full(path):
+        save_file(own, path, metadata={"format": "pt"})
+
+
+def _write_json(value: Any, path: Path) -> None:
+    with naming_disk_full(path):
+        path.write_text(json.dumps(value, indent=1))
+
+
+# ------------------------------------------------------------------------------------------------------ RNG state
+
+
+def _bytes(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch and CUDA generator states, as JSON values."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": _bytes(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_bytes(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any], path: Path) -> None:
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(_tensor(state["torch"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} does not hold a valid RNG state: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------- model and optimizer
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_model_and_optimizer(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path
+) -> None:
+    """Gather the full model and optimizer state (a collective: every process calls it) and write it from the
+    main process as safetensors + JSON."""
+    module = accelerator.unwrap_model(model)
+    optim = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    model_state = get_model_state_dict(module, options=FULL)
+    optim_state = get_optimizer_state_dict(module, optim, options=FULL)
+    if not accelerator.is_main_process:
+        return
+    _write_tensors(model_state, folder / MODEL_FILE)
+    tensors, values = {}, {}
+    for param, state in optim_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param}/{key}"] = value
+            else:
+                values.setdefault(param, {})[key] = value
+    _write_tensors(tensors, folder / OPTIMIZER_TENSORS)
+    _write_json({"state": values, "param_groups": optim_state["param_groups"]}, folder / OPTIMIZER_VALUES)
+
+
+def load_model_and_optimizer(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path
+) -> None:
+    """Every process reads the full state and keeps its own shard (FSDP) or all of it."""
+    module = accelerator.unwrap_model(model)
+    optim = getattr(optimizer, "optimizer", optimizer)
+    model_state = read_tensors(folder / MODEL_FILE)
+    tensors = read_tensors(folder / OPTIMIZER_TENSORS)
+    values = read_json(folder / OPTIMIZER_VALUES)
+    try:
+        state: dict[str, dict[str, Any]] = {p: dict(v) for p, v in values["state"].items()}
+        for name, tensor in tensors.items():
+            param, key = name.rsplit("/", 1)
+            state.setdefault(param, {})[key] = tensor
+        groups = [
+            {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+            for group in values["param_groups"]
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{folder / OPTIMIZER_VALUES} is not a valid optimizer state: {err}") from err
+    options = StateDictOptions(full_state_dict=True)
+    try:
+        set_model_state_dict(module, model_state, options=options)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{folder / MODEL_FILE} does not fit the model: {err}") from err
+    try:
+        set_optimizer_state_dict(module, optim, {"state": state, "param_groups": groups}, options=options)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{folder / OPTIMIZER_TENSORS} does not fit the optimizer: {err}") from err
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_state_{rank}.json"
+
+
+def save_process_state(folder: Path, rank: int) -> None:
+    _write_json(rng_state(), rng_file(folder, rank))
+
+
+def load_process_state(folder: Path, rank: int) -> None:
+    path = rng_file(folder, rank)
+    set_rng_state(read_json(path), path)
+
+
+# ------------------------------------------------------------------------------------------------ run directory
+
+CHECKPOINTS = "checkpoints"
+# Config fields that may differ between a checkpoint and the run resuming it (runtime or tokenizer-derived).
+RESUME_IGNORED_FIELDS = {
+    "transformers_version",
+    "architectures",
+    "auto_map",
+    "dtype",
+    "torch_dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "output_router_logits",
+}
+# Arguments whose change on resume changes what the resumed steps compute (allowed, with a warning).
+RESUME_WATCHED_ARGS = ("seq_len", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps", "seed")
+
+
+def check_output(args: TrainArguments) -> Path:
+    """The run directory must be new, empty or a training run (`spannorm_hf.files`), unless --overwrite; read-only."""
+    try:
+        return check_output_dir(args.output, "training-run", flag="--output", overwrite=args.overwrite)
+    except OutputDirError as err:
+        raise SetupError(str(err)) from err
+
+
+def claim_output(output: Path, overwrite: bool, fresh: bool) -> None:
+    """Create and mark the run directory and prove it is writable (main process, after every check). A fresh run
+    over an earlier one (allowed by `Checkpointer.find`: --overwrite, or --resume latest of a run that never
+    checkpointed) first removes what that run wrote there (only the files training writes)."""
+    try:
+        claim_output_dir(output, "training-run", flag="--output", overwrite=overwrite)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise SetupError(f"output directory {str(output)!r} is not writable: {err}") from err
+    if fresh:
+        (output / METRICS_FILE).unlink(missing_ok=True)
+        for events in (output / TENSORBOARD_DIR).glob("**/events.out.tfevents.*"):
+            events.unlink()
+        for stale in [*Checkpointer(output).existing(), output / HUB_UPLOADS]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def earlier_run_files(output: Path) -> list[str]:
+    """What an earlier run left in `output` (everything but the ownership marker and empty folders)."""
+    if not output.is_dir():
+        return []
+    empty = [p for p in output.iterdir() if p.is_dir() and not any(p.iterdir())]
+    return sorted(p.name for p in output.iterdir() if p.name != OUTPUT_MARKER and p not in empty)
+
+
+# --------------------------------------------------------------------------------------------------- checkpointer
+
+
+class Checkpointer:
+    """A run's checkpoints: where they are (`<output>/checkpoints/step-N`), which one a run resumes from (`find`,
+    refusing one that does not verify), whether it fits the run (`check_compatible`), and writing (`save`) and
+    reading (`load`) one. Saving keeps the newest `keep_last`."""
+
+    def __init__(self, output: Path, keep_last: int = 1):
+        self.output, self.keep_last = Path(output), keep_last
+        self.root = self.output / CHECKPOINTS
+
+    def existing(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temporary directories are never listed)."""
+        found = [p for p in self.root.glob("step-*") if p.is_dir() and p.name.removeprefix("step-").isdigit()]
+        return sorted(found, key=lambda path: int(path.name.removeprefix("step-")))
+
+    def remove_leftovers(self) -> None:
+        """Temporary directories of a run killed while saving (main process)."""
+        for leftover in self.root.glob(".*-step-*"):
+            shutil.rmtree(leftover)
+
+    def find(self, resume: str | None, overwrite: bool = False) -> Path | None:
+        """The checkpoint to resume from, or None for a fresh run; a fresh run never starts over an earlier one
+        unless --overwrite."""
+        output, existing = self.output, self.existing()
+        if resume is None and existing and not overwrite:
+            raise SetupError(
+                f"{output} already holds checkpoints (latest {existing[-1].name}); pass --resume latest to continue "
+                "that run, --overwrite to start a new one over it, or choose a new --output"
+            )
+        if resume is None or (resume == "latest" and not existing):
+            leftovers = earlier_run_files(output)
+            # a requeued job whose first attempt died before its first checkpoint starts that run again
+            unfinished = resume == "latest" and not (output / "config.json").exists()
+            if leftovers and not overwrite and not unfinished:
+                raise SetupError(
+                    f"--output {str(output)!r} holds an earlier run ({', '.join(leftovers[:5])}) with no checkpoint to "
+                    "resume from: choose a new --output, or pass --overwrite to replace the files training writes"
+                )
+            return None
+        if resume == "latest":
+            return self.latest_valid(existing)
+        path = Path(resume)
+        if not (path / TRAIN_STATE).is_file() and not (path / MANIFEST).is_file():
+            raise SetupError(f"--resume {resume!r} is not a checkpoint directory (no {TRAIN_STATE})")
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            raise SetupError(f"--resume {resume!r}: {err}") from err
+        newer = [p.name for p in existing if p.name > path.name]
+        if path.resolve().parent == (output / CHECKPOINTS).resolve() and newer:
+            raise SetupError(
+                f"--resume {resume!r}: {output} holds newer checkpoints {newer}; delete them or use a new --output"
+            )
+        return path
+
+    @staticmethod
+    def latest_valid(existing: list[Path]) -> Path:
+        """The newest checkpoint whose manifest verifies; each newer one is skipped with a warning saying why."""
+        problems = []
+        for path in reversed(existing):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                warnings.warn(f"--resume latest: skipping checkpoint {path.name}: {err}", stacklevel=3)
+                problems.append(f"{path.name}: {err}")
+                continue
+            return path
+        raise SetupError(f"--resume latest: no usable checkpoint in {existing[0].parent} ({'; '.join(problems)})")
+
+    @staticmethod
+    def check_compatible(checkpoint: Path, config: SpanNormConfig, args: TrainArguments) -> dict:
+        """Raise if the checkpoint's model or tokenizer differs; warn if arguments that change what the resumed steps
+        compute differ. Returns the checkpoint's train_state.json."""
+        try:
+            saved, current = SpanNormConfig.from_json_file(checkpoint / "config.json").to_dict(), config.to_dict()
+        except (OSError, ValueError) as err:
+            raise SetupError(f"cannot resume: {checkpoint / 'config.json'} is not a valid config: {err}") from err
+        keys = (saved.keys() | current.keys()) - RESUME_IGNORED_FIELDS
+        diff = {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs --config {b!r}" for k, (a, b) in diff.items())
+            raise SetupError(f"cannot resume {checkpoint}: the model config differs ({lines})")
+        state = read_json(checkpoint / TRAIN_STATE)
+        try:
+            changed = {
+                k: (state["args"][k], getattr(args, k))
+                for k in RESUME_WATCHED_ARGS
+                if state["args"][k] != getattr(args, k)
+            }
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{checkpoint / TRAIN_STATE} is not a valid training state: {err}") from err
+        if changed:
+            warnings.warn(f"resuming {checkpoint} with changed arguments (checkpoint, now): {changed}", stacklevel=2)
+        if args.tokenizer is not None:
+            ours = tokenizer_fingerprint(AutoTokenizer.from_pretrained(args.tokenizer))
+            if ours != state["tokenizer_fingerprint"]:
+                raise SetupError(
+                    f"cannot resume {checkpoint}: --tokenizer {args.tokenizer!r} is not the run's tokenizer"
+                )
+        return state
+
+    def save(
+        self,
+        accelerator: Accelerator,
+        step: int,
+        state: dict,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: SpanNormConfig,
+        tokenizer,
+        stream: StreamRows | None,
+    ) -> Path:
+        """Write the training state (see `checkpointing`) into a temporary directory, add the manifest last, and
+        rename it into place once complete. `state` is train_state.json (scheduler, step, tokens, arguments)."""
+        root = self.root
+        final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        try:
+            save_model_and_optimizer(accelerator, model, optimizer, tmp)
+            save_process_state(tmp, accelerator.process_index)
+            if stream is not None:
+                state_file = tmp / f"stream_state_{accelerator.process_index}.json"
+                with naming_disk_full(state_file):
+                    state_file.write_text(json.dumps(stream.state_dict()))
+            if accelerator.is_main_process:
+                with naming_disk_full(tmp / "config.json"):
+                    config.to_json_file(tmp / "config.json")
+                with naming_disk_full(tmp / "tokenizer"):
+                    tokenizer.save_pretrained(tmp / "tokenizer")
+                with naming_disk_full(tmp / TRAIN_STATE):
+                    (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=2))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_manifest(tmp)
+        except BaseException:
+            shutil.rmtree(
+                tmp, ignore_errors=True
+            )  # a failed save (e.g. a full disk) leaves the older checkpoints alone
+            raise
+        if accelerator.is_main_process:
+            if final.exists():
+                stale = root / f".old-step-{step:08d}"
+                final.rename(stale)
+                shutil.rmtree(stale)
+            tmp.rename(final)
+            for old in self.existing()[: -self.keep_last]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def load(
+        accelerator: Accelerator,
+        checkpoint: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        progress,
+        stream: StreamRows | None,
+    ) -> None:
+        """Restore what `save` wrote into the prepared model, optimizer, scheduler, progress counter and stream;
+        never unpickles."""
+        load_model_and_optimizer(accelerator, model, optimizer, checkpoint)
+        state = read_json(checkpoint / TRAIN_STATE)
+        try:
+            scheduler.load_state_dict(state["scheduler"])
+            progress.load_state_dict(state)
+            if accelerator.scaler is not None and state.get("scaler") is not None:
+                accelerator.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{checkpoint / TRAIN_STATE} is not a valid training state: {err}") from err
+        load_process_state(checkpoint, accelerator.process_index)
+        if stream is not None:
+            path = checkpoint / f"stream_state_{accelerator.process_index}.json"
+            stream.load_state_dict(read_json(path))
