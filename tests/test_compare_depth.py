@@ -215,6 +215,7 @@ def test_report_on_a_partial_grid_marks_missing_cells(tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text(read_default_corpus()[:40_000])
     compare.run_grid(TINY, tmp_path, data=data, log=lambda msg: None)
+    assert all(0 < r["cpu_seconds"] < 600 for r in compare.read_records(tmp_path / "runs.jsonl"))
     planned = dataclasses.replace(
         TINY,
         sections=TINY.sections

@@ -398,7 +398,7 @@ def _finite_or_none(x: float) -> float | None:
 
 def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Tensor]) -> dict:
     """Train one run and return its JSONL record."""
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     model = build_model(spec, grid)
     init_diag = _diagnostics(model, val[0])
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -452,6 +452,7 @@ def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Te
         "init": init_diag,
         "end": end_diag,
         "seconds": round(time.time() - t0, 2),
+        "cpu_seconds": round(time.process_time() - cpu0, 2),  # the run's cost, whatever else shares the cores
     }
     record["diverged"] = is_diverged(record)
     return record
