@@ -1229,13 +1229,16 @@ def plot_depth(records: list[dict], out_dir: Path, baseline: float = math.nan, b
         here = [(d, cells[(arm, d, 0)]) for d in depths if (arm, d, 0) in cells]
         best = [(d, c.best_lr) for d, c in here if c.best_lr is not None]
         if best:
-            axes[0][0].plot(*zip(*best, strict=True), marker="o", label=arm, **_style(arm))
+            axes[0][0].plot(*zip(*best, strict=True), marker="o", alpha=0.8, label=arm, **_style(arm))
         own = [(d, groups[(arm, d, 0, c.best_lr)]) for d, c in here if c.best_lr is not None]
         moved = [(d, groups[(arm, d, 0, c.transfer_lr)]) for d, c in here if c.transfer_error is not None]
         for ax, pts in ((axes[0][1], own), (axes[0][2], moved)):
             if pts:
                 _mean_std_series(ax, pts, arm)
     axes[0][0].set_yscale("log", base=2)
+    axes[0][0].minorticks_off()
+    lrs = sorted({c.best_lr for (_, _, experts), c in cells.items() if experts == 0 and c.best_lr is not None})
+    axes[0][0].set_yticks(lrs, labels=[_lr_key(lr) for lr in lrs])
     axes[0][0].set_ylabel("best peak learning rate")
     axes[0][0].set_title("dense: best learning rate vs depth")
     titles = ("dense: val loss vs depth, each arm at its own best lr", "dense: val loss vs depth, at the L=6 best lr")
