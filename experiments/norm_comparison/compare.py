@@ -212,7 +212,10 @@ VERDICT_SEEDS = (0, 1, 2)
 #   3. the edge learning rates 1e-3 and 1.6e-2 everywhere, seeds 0, 1 (a later session may prune this to the arms
 #      and depths whose best sits at an edge, or extend it where the best sits at 1e-3 or 1.6e-2);
 #   4. a third seed at the cells that decide the default (the SpanNorm rules at L = 6, 12, 24).
-# COST_PLACEHOLDER
+# Cost, measured 2026-12-01 (CPU seconds of one 200-step run on one thread, from 20- and 40-step runs, so jobs sharing
+# the cores do not count): L=6 48 s, L=12 105 s, L=24 218 s, L=48 350-430 s (noisy; ~linear in L), MoE L=12 138 s.
+# The six Section entries below: 90 runs 3.1 h, 30 runs 3.6 h, 30 runs 1.2 h, 80 runs 4.5 h, 20 runs 0.8 h,
+# 27 runs 0.9 h: 277 runs, about 14 h on one idle core. On the shared 2-core VM the wall time was 2-6x the CPU time.
 DEPTH_SECTIONS = (
     Section(DEPTH_ARMS, VERDICT_DEPTHS, DEPTH_LRS, seeds=(0, 1)),
     Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(0, 1)),
