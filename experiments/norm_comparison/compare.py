@@ -631,10 +631,10 @@ def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) 
         lines.append("")
     lines += _summary(records), ""
     lines += _headline(records, grid), ""
-    if CHALLENGER in arms:
-        lines += _verdict_table(records), ""
-    if _is_depth_study(records):
+    if _is_depth_study(records):  # its own verdict; the span vs span-init one would be empty there
         lines += _depth_tables(records, grid, baseline), ""
+    else:
+        lines += _verdict_table(records), ""
     lines += _grad_table(records, grid), ""
     lines += ["## Arms", ""] + [f"- `{a}`: {ARMS[a].label} (norm_scheme `{ARMS[a].norm_scheme}`)" for a in arms]
     return "\n".join(lines) + "\n"
