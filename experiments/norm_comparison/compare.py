@@ -868,7 +868,12 @@ def depth_verdict(
     for arm in arms:
         here = [cells.get((arm, layers, 0)) for layers in depths]
         if any(c is None or c.best_lr is None for c in here):
-            rows[arm] = {"transfer": {}, "mean_transfer": math.inf, "mean_best": math.inf, "fails": ["no data"]}
+            why = [
+                f"L={layers}: " + ("no run yet" if c is None else "a non-finite seed at every lr")
+                for layers, c in zip(depths, here, strict=True)
+                if c is None or c.best_lr is None
+            ]
+            rows[arm] = {"transfer": {}, "mean_transfer": math.inf, "mean_best": math.inf, "fails": why}
             continue
         fails = []
         for layers, c in zip(depths, here, strict=True):
