@@ -11,6 +11,13 @@ from transformers.configuration_utils import PreTrainedConfig
 NORM_SCHEME_NAMES = ("span", "pre", "post", "deepnorm", "peri", "hybrid")
 # Schemes whose block has the DeepNet-style skip scale `a` and branch init gain `b`.
 SCALED_SCHEMES = ("span", "deepnorm")
+# Named depth rules for the skip scale, as the exponent alpha of `a = (2 L) ** alpha` (L = num_hidden_layers; 2L
+# counts the normalized sums, attention and FFN, as DeepNet does). RMSNorm is scale-invariant, N(a x + F) =
+# N(x + F / a), so `a` is a branch multiplier 1 / a: "deepnet" damps each block's update as L^(-1/4), "depth_mup" as
+# depth-muP's 1 / sqrt(L), "completep" as CompleteP's 1 / L. "auto" is "deepnet" (the default of every saved config).
+RESIDUAL_SCALE_RULES = {"auto": 0.25, "deepnet": 0.25, "depth_mup": 0.5, "completep": 1.0}
+# Named depth rules for the branch init gain, as the exponent beta of `b = (8 L) ** beta`; "auto" is "deepnet".
+BRANCH_INIT_GAIN_RULES = {"auto": -0.25, "deepnet": -0.25}
 # Written into every saved config.json so the folder loads through any of these auto classes with
 # `trust_remote_code=True` (save_pretrained adds only the saving class's own entry).
 AUTO_MAP = {
@@ -38,13 +45,26 @@ class SpanNormConfig(PreTrainedConfig):
         norm_scheme (`str`, defaults to `"span"`):
             Where the RMSNorms sit: `"span"` (SpanNorm, arXiv 2601.22580), `"pre"`, `"post"`, `"deepnorm"`,
             `"peri"` (Peri-LN) or `"hybrid"` (HybridNorm). Everything else is identical across schemes.
-        residual_scale (`float` or `"auto"`, defaults to `"auto"`):
-            The skip scale `a` of `span` and `deepnorm` blocks, `N(a * x + F(x))`. `"auto"` is DeepNet's
-            `(2 L) ** (1 / 4)`. Other schemes have no skip scale and accept only `"auto"`.
-        branch_init_gain (`float`, `"auto"` or `None`, defaults to `"auto"`):
+        residual_scale (`float` or `str`, defaults to `"auto"`):
+            The skip scale `a` of `span` and `deepnorm` blocks, `N(a * x + F(x))`: a positive number, or a named
+            depth rule `a = (2 L) ** alpha` with L = `num_hidden_layers`. Because RMSNorm is scale-invariant,
+            `N(a x + F) = N(x + F / a)`, so `a` acts as a branch multiplier `1 / a`:
+
+            - `"deepnet"` (alpha = 1/4; DeepNet, arXiv 2203.00555): 1.861 at L=6, 3.130 at L=48.
+            - `"depth_mup"` (alpha = 1/2; depth-muP's `1 / sqrt(L)` branch multiplier, Yang et al. 2023): 3.464 at
+              L=6, 9.798 at L=48.
+            - `"completep"` (alpha = 1; CompleteP's `1 / L` branch multiplier, Dey et al. 2025): 12 at L=6, 96 at
+              L=48.
+            - `"auto"`: the same as `"deepnet"`, the default since the first release (kept so saved configs load
+              unchanged).
+
+            The name, not the number, is stored, so a saved config keeps its rule. Other schemes have no skip
+            scale and accept only `"auto"`.
+        branch_init_gain (`float`, `str` or `None`, defaults to `"auto"`):
             Xavier-normal init gain `b` of the branch output weights (v_proj, o_proj, MLP and expert weights;
-            q/k get gain 1) in `span` and `deepnorm` blocks. `"auto"` is DeepNet's `(8 L) ** (-1 / 4)`; `None`
-            keeps the plain `N(0, initializer_range)` init. Other schemes accept only `"auto"`. The pair of
+            q/k get gain 1) in `span` and `deepnorm` blocks: a positive number, or the named rule `"deepnet"`,
+            DeepNet's `(8 L) ** (-1 / 4)` (0.3799 at L=6, 0.2259 at L=48); `"auto"` is `"deepnet"`. `None` keeps the
+            plain `N(0, initializer_range)` init. Other schemes accept only `"auto"`. The pair of
             defaults was kept over `residual_scale=1.0` by a pre-registered rule on the norm-scheme comparison
             (README, "Does SpanNorm work?"): neither wins in a majority of settings.
         num_experts (`int`, defaults to 0):
@@ -175,14 +195,18 @@ class SpanNormConfig(PreTrainedConfig):
             fail("attention_dropout", "must be in [0, 1)")
         if isinstance(self.router_aux_loss_coef, bool) or self.router_aux_loss_coef < 0:
             fail("router_aux_loss_coef", "must be >= 0")
-        for field in ("residual_scale", "branch_init_gain"):
+        for field, rules in (("residual_scale", RESIDUAL_SCALE_RULES), ("branch_init_gain", BRANCH_INIT_GAIN_RULES)):
             value = getattr(self, field)
             if value == "auto" or (value is None and field == "branch_init_gain"):
                 continue
+            if isinstance(value, str) and value not in rules:
+                fail(field, f"unknown rule name; must be a positive number or one of {tuple(rules)}")
             if self.norm_scheme not in SCALED_SCHEMES:
                 fail(field, f"only the {SCALED_SCHEMES} schemes use it; norm_scheme={self.norm_scheme!r} takes 'auto'")
+            if isinstance(value, str):
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                fail(field, "must be a positive number or 'auto'")
+                fail(field, f"must be a positive number or one of {tuple(rules)}")
         if self.num_experts > 0:
             if not isinstance(self.num_experts_per_tok, int) or not 0 < self.num_experts_per_tok <= self.num_experts:
                 fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
@@ -194,8 +218,8 @@ class SpanNormConfig(PreTrainedConfig):
         """The resolved skip scale `a` (1.0 for schemes without one)."""
         if self.norm_scheme not in SCALED_SCHEMES:
             return 1.0
-        if self.residual_scale == "auto":
-            return (2 * self.num_hidden_layers) ** 0.25
+        if isinstance(self.residual_scale, str):
+            return (2 * self.num_hidden_layers) ** RESIDUAL_SCALE_RULES[self.residual_scale]
         return float(self.residual_scale)
 
     @property
@@ -203,8 +227,8 @@ class SpanNormConfig(PreTrainedConfig):
         """The resolved branch init gain `b`, or `None` for the plain `N(0, initializer_range)` init."""
         if self.norm_scheme not in SCALED_SCHEMES or self.branch_init_gain is None:
             return None
-        if self.branch_init_gain == "auto":
-            return (8 * self.num_hidden_layers) ** -0.25
+        if isinstance(self.branch_init_gain, str):
+            return (8 * self.num_hidden_layers) ** BRANCH_INIT_GAIN_RULES[self.branch_init_gain]
         return float(self.branch_init_gain)
 
     def is_sparse_layer(self, layer_idx: int) -> bool:

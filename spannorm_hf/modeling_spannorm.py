@@ -14,7 +14,8 @@ abstract. With x_0 the token embeddings and N an RMSNorm with a learnable gain:
 
 The paper's "principled scaling strategy" is not published where we can read it. We ship DeepNet's
 bounded-update pair as the default: skip scale a = (2L)^(1/4) (`residual_scale`) and a Xavier-normal init
-gain b = (8L)^(-1/4) (`branch_init_gain`) on the branch output weights. Both are configurable.
+gain b = (8L)^(-1/4) (`branch_init_gain`) on the branch output weights. Both take a number or a named depth rule
+(e.g. a ~ sqrt(L) or a ~ L; see `SpanNormConfig`), resolved by the config's `skip_scale` and `branch_gain`.
 
 All block wiring lives in `NORM_SCHEMES` next to the decoder layer; attention, MLP and experts know nothing
 about the scheme. This file imports only torch, transformers and `configuration_spannorm`, so it can be

@@ -73,9 +73,11 @@ def _clean_block(layer: nn.Module, x: torch.Tensor, attn: Callable) -> torch.Ten
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One contender. `residual_scale`/`branch_init_gain` are SpanNormConfig values; `learnable_skip` makes the
-    skip scale a trained per-layer scalar; `block` swaps in an experiment-only block (SPEC section 6 readings),
-    built on `norm_scheme`'s layers so it owns the norms that block uses."""
+    """One contender. `residual_scale`/`branch_init_gain` are SpanNormConfig values (numbers or named depth rules),
+    so whatever wins is one config field away for a user. Experiment-only, used by the old "full" grid alone and
+    never by new grids: `learnable_skip` makes the skip scale a trained per-layer scalar; `block` swaps in an
+    experiment-only block (SPEC section 6 readings), built on `norm_scheme`'s layers so it owns the norms that block
+    uses."""
 
     name: str
     norm_scheme: str
@@ -100,6 +102,10 @@ ARMS: dict[str, Arm] = {
         Arm("span-learn", "span", "auto", "auto", learnable_skip=True, label="SpanNorm, DeepNet a,b, a learnable"),
         Arm("span-b2t", "span", block=_b2t_block, label="SPEC 6: B2T-like, DeepNet a,b"),
         Arm("span-clean", "peri", block=_clean_block, label="SPEC 6: clean across blocks, c=1/sqrt(L)"),
+        # Depth rules (issue 10), both with DeepNet's init gain b like `span`, so the three SpanNorm arms of the
+        # depth grid differ in `residual_scale` alone.
+        Arm("span-mup", "span", "depth_mup", "deepnet", label="SpanNorm, a=(2L)^1/2 (depth-muP), b=(8L)^-1/4"),
+        Arm("span-completep", "span", "completep", "deepnet", label="SpanNorm, a=2L (CompleteP), b=(8L)^-1/4"),
     )
 }
 
@@ -138,11 +144,16 @@ class Section:
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """Model/training shape shared by every run, plus the sections to run, in priority order."""
+    """Model/training shape shared by every run, plus the sections to run, in priority order.
+
+    `order="seed"` runs seed-major over all sections (a grid cut short still covers every section with the same
+    seeds); `order="section"` finishes each section, seed-major within it, before the next (a grid that spans
+    sessions gets its decisive cells on every seed first)."""
 
     name: str
     sections: tuple[Section, ...]
     seeds: tuple[int, ...] = (0, 1, 2)
+    order: str = "seed"
     width: int = 32
     heads: int = 2
     ffn: int = 88
@@ -155,10 +166,15 @@ class Grid:
     sweep_layers: int = 12  # depth of the LR sweep that picks each arm's best LR
 
     def runs(self) -> list[RunSpec]:
+        if self.order not in ("seed", "section"):
+            raise ValueError(f"Grid.order={self.order!r} is invalid: must be 'seed' or 'section'")
         seen, out = set(), []
-        # Seed-major: a grid cut short by the clock still covers every section with the same seeds.
-        for seed in self.seeds:
-            for sec in self.sections:
+        if self.order == "seed":
+            passes = [(seed, self.sections) for seed in self.seeds]
+        else:
+            passes = [(seed, (sec,)) for sec in self.sections for seed in self.seeds]
+        for seed, sections in passes:
+            for sec in sections:
                 if seed not in (sec.seeds or self.seeds):
                     continue
                 for layers in sec.layers:
@@ -171,14 +187,44 @@ class Grid:
         return out
 
     def shape(self) -> dict:
-        """The fields every record of this grid must share (checked when resuming)."""
-        skip = {"name", "sections", "seeds"}
+        """The fields every record of this grid must share (checked when resuming). The run order is not one of
+        them: it changes which runs come first, not what a run is."""
+        skip = {"name", "sections", "seeds", "order"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
 MAIN_ARMS = ("pre", "post", "deepnorm", "peri", "hybrid", "span")
 LRS = (4e-3, 8e-3, 1.6e-2)
 DEEP_LRS = (2e-3, 4e-3, 8e-3)  # deeper models want lower learning rates
+
+DEPTH_ARMS = ("pre", "peri", "span", "span-mup", "span-completep")
+DEPTH_RULE_ARMS = ("span", "span-mup", "span-completep")  # the SpanNorm rules the default is chosen among
+DEPTH_LRS = (2e-3, 4e-3, 8e-3)  # around 4e-3, every arm's best at width 128, L=12 in the "wide" grid
+DEPTH_EDGE_LRS = (1e-3, 1.6e-2)  # one x2 step beyond each end
+VERDICT_DEPTHS = (6, 12, 24)  # the dense depths the default is chosen on; L=48 and MoE then test the choice
+VERDICT_SEEDS = (0, 1, 2)
+
+# The depth grid (issue 10) at the "wide" grid's width 128 and protocol (200 steps x 16 x 64 bytes): dense L = 6,
+# 12, 24, 48 and MoE (4 experts, top-2) at L = 12; PreNorm, Peri-LN and SpanNorm with a = (2L)^(1/4) (today's
+# default), (2L)^(1/2) (depth-muP) and 2L (CompleteP), all three with DeepNet's b, so they differ in one field.
+# Sections in priority order (`order="section"`): each finishes on every seed before the next starts.
+#   1. what decides the default: every arm at L = 6, 12, 24 at the three central learning rates, seeds 0, 1;
+#   2. L = 48 and MoE L = 12, same learning rates, seeds 0, 1;
+#   3. the edge learning rates 1e-3 and 1.6e-2 everywhere, seeds 0, 1 (a later session may prune this to the arms
+#      and depths whose best sits at an edge, or extend it where the best sits at 1e-3 or 1.6e-2);
+#   4. a third seed at the cells that decide the default (the SpanNorm rules at L = 6, 12, 24).
+# Cost, measured 2026-12-01 (CPU seconds of one 200-step run on one thread, from 20- and 40-step runs, so jobs sharing
+# the cores do not count): L=6 48 s, L=12 105 s, L=24 218 s, L=48 350-430 s (noisy; ~linear in L), MoE L=12 138 s.
+# The six Section entries below: 90 runs 3.1 h, 30 runs 3.6 h, 30 runs 1.2 h, 80 runs 4.5 h, 20 runs 0.8 h,
+# 27 runs 0.9 h: 277 runs, about 14 h on one idle core. On the shared 2-core VM the wall time was 2-6x the CPU time.
+DEPTH_SECTIONS = (
+    Section(DEPTH_ARMS, VERDICT_DEPTHS, DEPTH_LRS, seeds=(0, 1)),
+    Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(0, 1)),
+    Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(0, 1)),
+    Section(DEPTH_ARMS, VERDICT_DEPTHS + (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),
+    Section(DEPTH_ARMS, (12,), DEPTH_EDGE_LRS, experts=4, seeds=(0, 1)),
+    Section(DEPTH_RULE_ARMS, VERDICT_DEPTHS, DEPTH_LRS, seeds=(2,)),
+)
 
 # The full grid, in seed-major order: the L=12 LR sweep of every scheme, SpanNorm's scaling candidates, L=6 dense and
 # MoE and L=24 dense each over three learning rates, a learnable skip scale and SPEC section 6's other readings, then
@@ -232,6 +278,8 @@ GRIDS: dict[str, Grid] = {
         heads=4,
         ffn=344,
     ),
+    # Issue 10: does the best learning rate hold from L=6 to L=48? See the comment above DEPTH_SECTIONS.
+    "depth": Grid("depth", sections=DEPTH_SECTIONS, seeds=(0, 1, 2), order="section", width=128, heads=4, ffn=344),
 }
 
 
@@ -354,7 +402,7 @@ def _finite_or_none(x: float) -> float | None:
 
 def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Tensor]) -> dict:
     """Train one run and return its JSONL record."""
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     model = build_model(spec, grid)
     init_diag = _diagnostics(model, val[0])
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -408,6 +456,7 @@ def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Te
         "init": init_diag,
         "end": end_diag,
         "seconds": round(time.time() - t0, 2),
+        "cpu_seconds": round(time.process_time() - cpu0, 2),  # the run's cost, whatever else shares the cores
     }
     record["diverged"] = is_diverged(record)
     return record
@@ -583,10 +632,22 @@ def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) 
         lines.append("")
     lines += _summary(records), ""
     lines += _headline(records, grid), ""
-    lines += _verdict_table(records), ""
+    if _is_depth_study(records):  # its own verdict; the span vs span-init one would be empty there
+        lines += _depth_tables(records, grid, baseline), ""
+    else:
+        lines += _verdict_table(records), ""
     lines += _grad_table(records, grid), ""
     lines += ["## Arms", ""] + [f"- `{a}`: {ARMS[a].label} (norm_scheme `{ARMS[a].norm_scheme}`)" for a in arms]
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float) -> str:
+    return f"{x:.3f}" if math.isfinite(x) else "—"
+
+
+def _is_depth_study(records: list[dict]) -> bool:
+    """Whether the records hold a depth-rule arm: then the report adds the depth-transfer tables and plot."""
+    return any(r["arm"] in DEPTH_RULE_ARMS[1:] for r in records)
 
 
 def _summary(records: list[dict]) -> str:
@@ -683,6 +744,262 @@ def _verdict_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Depth transfer (issue 10): measures and the pre-registered rule for SpanNorm's default depth scaling
+# ---------------------------------------------------------------------------------------------------------
+
+USABLE_NATS = 0.05  # a learning rate is in the usable window when its mean loss is within this of the best
+TRANSFER_TIE = 0.01  # mean transfer errors this close count as a tie, broken by the mean loss at own best
+
+
+def is_stuck(record: dict, baseline: float) -> bool:
+    """A finite run that ended within `STUCK_NATS` of the unigram loss: it learned nothing beyond byte frequencies."""
+    return record["val_loss"] is not None and record["val_loss"] > baseline - STUCK_NATS
+
+
+def _lr_key(lr: float) -> str:
+    return f"{lr:g}"  # how a learning rate is spelled in a run key; 2 * 8e-3 and 1.6e-2 spell the same
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthCell:
+    """One arm at one depth/MoE setting: its learning-rate sweep summarised (losses are means over seeds)."""
+
+    lrs: tuple[float, ...]  # learning rates with at least one finished run
+    best_lr: float | None  # lowest mean loss; None when no run finished
+    best_loss: float  # inf when every learning rate had a non-finite seed
+    usable: tuple[float, ...]  # learning rates within USABLE_NATS of the best
+    runs: int
+    stuck: int
+    diverged: int
+    transfer_lr: float | None  # the arm's best learning rate at dense L=6
+    transfer_error: float | None  # loss at transfer_lr minus loss at own best; None when either is missing
+
+
+def depth_cells(records: list[dict], baseline: float, base_layers: int = 6) -> dict[tuple[str, int, int], DepthCell]:
+    """Per (arm, layers, experts): best lr, loss at best, usable window, stuck/diverged counts and the transfer error
+    (the loss at the learning rate that was the arm's best at dense `base_layers`, minus the loss at its own best;
+    0 at the base depth by construction, inf when the transferred learning rate has a non-finite seed)."""
+    groups = _group(records)
+    scores = defaultdict(dict)
+    for (arm, layers, experts, lr), runs in groups.items():
+        scores[(arm, layers, experts)][lr] = score(runs)
+    base = {arm: sc for (arm, layers, experts), sc in scores.items() if (layers, experts) == (base_layers, 0)}
+    base_best = {arm: min(sc, key=sc.get) for arm, sc in base.items()}
+    out = {}
+    for (arm, layers, experts), sc in sorted(scores.items()):
+        best_lr = min(sc, key=sc.get)
+        best = sc[best_lr]
+        runs = [r for lr in sc for r in groups[(arm, layers, experts, lr)]]
+        t_lr = base_best.get(arm)
+        error = None
+        if t_lr is not None and t_lr in sc and math.isfinite(best):
+            error = sc[t_lr] - best
+        out[(arm, layers, experts)] = DepthCell(
+            lrs=tuple(sorted(sc)),
+            best_lr=best_lr if math.isfinite(best) else None,
+            best_loss=best,
+            usable=tuple(lr for lr in sorted(sc) if sc[lr] <= best + USABLE_NATS),
+            runs=len(runs),
+            stuck=sum(is_stuck(r, baseline) and not r["diverged"] for r in runs),
+            diverged=sum(r["diverged"] for r in runs),
+            transfer_lr=t_lr,
+            transfer_error=error,
+        )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthVerdict:
+    """The outcome of `depth_verdict`. `status` is "decided" (then `winner` is the new default), "undecided"
+    (`missing` lists the run keys still needed) or "none qualifies" (every rule has a stuck or diverged seed at
+    or below its best learning rate somewhere: no rule wins and the shipped default stays, as a fallback, not as
+    a winner). `provisional` is what the rule would pick on the records present, whatever the status."""
+
+    status: str
+    winner: str | None
+    provisional: str | None
+    rows: dict[str, dict]  # per arm: transfer errors per depth, their mean, mean loss at own best, why disqualified
+    missing: tuple[str, ...]
+
+
+def depth_verdict(
+    records: list[dict],
+    baseline: float,
+    arms: tuple[str, ...] = DEPTH_RULE_ARMS,
+    depths: tuple[int, ...] = VERDICT_DEPTHS,
+    lrs: tuple[float, ...] = DEPTH_LRS,
+    seeds: tuple[int, ...] = VERDICT_SEEDS,
+) -> DepthVerdict:
+    """The rule that picks SpanNorm's default depth scaling (issue 10), committed before the depth grid ran.
+
+    Among the SpanNorm rules `arms`, on dense models at `depths` (the first is the base depth whose best learning
+    rate is transferred):
+    1. An arm qualifies only if no seed is stuck (within STUCK_NATS of the unigram loss) or diverged at any
+       learning rate at or below its own best, at any of the depths: a user going lower to be safe must not get
+       a model that does not train.
+    2. Among qualifying arms, the winner has the smallest mean transfer error over the depths after the base
+       (the loss at the base depth's best learning rate minus the loss at the arm's own best there).
+    3. Arms within TRANSFER_TIE of that smallest mean tie; the tie goes to the lowest mean loss at own best over
+       all `depths`. The shipped default (`span`) gets no preference: it stays only if it wins by 1-3.
+    Data required before a verdict ("undecided" until then): every arm x depth x `lrs` x `seeds`; the base
+    depth's best learning rate run at every depth on seeds 0 and 1; and each best learning rate bracketed, that
+    is, where the best sits at the lowest (highest) learning rate run, half (twice) it run on seeds 0 and 1.
+    """
+    have = {r["key"] for r in records}
+    cells = depth_cells([r for r in records if r["arm"] in arms], baseline, base_layers=depths[0])
+    need = [RunSpec(arm, layers, 0, lr, seed) for arm in arms for layers in depths for lr in lrs for seed in seeds]
+    two = tuple(s for s in seeds if s in (0, 1))
+    for arm in arms:
+        for layers in depths:
+            cell_ = cells.get((arm, layers, 0))
+            if cell_ is None or cell_.best_lr is None:
+                continue
+            if cell_.best_lr == cell_.lrs[0]:
+                need += [RunSpec(arm, layers, 0, cell_.best_lr / 2, seed) for seed in two]
+            if cell_.best_lr == cell_.lrs[-1]:
+                need += [RunSpec(arm, layers, 0, cell_.best_lr * 2, seed) for seed in two]
+            if cell_.transfer_lr is not None:
+                need += [RunSpec(arm, layers, 0, cell_.transfer_lr, seed) for seed in two]
+    by_key = {spec.key: spec for spec in need}  # RunSpec.key spells lr with :g, so 2 * 8e-3 matches 1.6e-2
+    missing = tuple(key for key in by_key if key not in have)
+
+    groups = _group(records)
+    rows = {}
+    for arm in arms:
+        here = [cells.get((arm, layers, 0)) for layers in depths]
+        if any(c is None or c.best_lr is None for c in here):
+            why = [
+                f"L={layers}: " + ("no run yet" if c is None else "a non-finite seed at every lr")
+                for layers, c in zip(depths, here, strict=True)
+                if c is None or c.best_lr is None
+            ]
+            rows[arm] = {"transfer": {}, "mean_transfer": math.inf, "mean_best": math.inf, "fails": why}
+            continue
+        fails = []
+        for layers, c in zip(depths, here, strict=True):
+            for lr in c.lrs:
+                if lr > c.best_lr:
+                    continue
+                bad = [r for r in groups[(arm, layers, 0, lr)] if r["diverged"] or is_stuck(r, baseline)]
+                fails += [f"L={layers} lr {_lr_key(lr)} seed {r['seed']}" for r in bad]
+        transfer = {layers: c.transfer_error for layers, c in zip(depths, here, strict=True)}
+        later = [transfer[layers] for layers in depths[1:]]
+        rows[arm] = {
+            "transfer": transfer,
+            "mean_transfer": statistics.fmean(later) if later and None not in later else math.inf,
+            "mean_best": statistics.fmean(c.best_loss for c in here),
+            "fails": fails,
+        }
+    ok = [arm for arm in arms if not rows[arm]["fails"] and math.isfinite(rows[arm]["mean_transfer"])]
+    provisional = None
+    if ok:
+        least = min(rows[arm]["mean_transfer"] for arm in ok)
+        tied = [arm for arm in ok if rows[arm]["mean_transfer"] <= least + TRANSFER_TIE]
+        provisional = min(tied, key=lambda arm: rows[arm]["mean_best"])  # min keeps `arms` order on exact ties
+    if missing:
+        return DepthVerdict("undecided", None, provisional, rows, missing)
+    if provisional is None:
+        return DepthVerdict("none qualifies", None, None, rows, ())
+    return DepthVerdict("decided", provisional, provisional, rows, ())
+
+
+def _depth_tables(records: list[dict], grid: Grid, baseline: float) -> str:
+    """The depth-transfer measures of every arm, the pre-registered verdict, and what of the grid has run."""
+    cells = depth_cells(records, baseline)
+    planned = grid.runs()
+    configs = sorted({(s.layers, s.experts) for s in planned} | {(r["layers"], r["experts"]) for r in records})
+    configs.sort(key=lambda c: (c[1], c[0]))  # dense by depth, then MoE
+    lines = [
+        "## Depth transfer: each arm's learning-rate sweep at each depth",
+        "",
+        f"Loss = mean validation loss over seeds. Usable window: the learning rates within {USABLE_NATS} nat of the "
+        "best. Stuck / div: runs (all learning rates, all seeds) that did not train / diverged. Transfer error: the "
+        "loss at the learning rate that was the arm's best at dense L=6, minus the loss at its own best (MoE too "
+        "takes the dense L=6 best). `missing`: not run yet.",
+        "",
+        "| arm | config | lrs run | best lr | loss at best | usable window | stuck | div | transfer error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups = _group(records)
+    for arm in [a for a in ARMS if any(s.arm == a for s in planned) or a in {r["arm"] for r in records}]:
+        for layers, experts in configs:
+            name = f"L={layers} {'MoE' if experts else 'dense'}"
+            c = cells.get((arm, layers, experts))
+            if c is None:
+                if any((s.arm, s.layers, s.experts) == (arm, layers, experts) for s in planned):
+                    lines.append(f"| {arm} | {name} | missing | | | | | | |")
+                continue
+            best = cell(groups[(arm, layers, experts, c.best_lr)]) if c.best_lr is not None else "—"
+            usable = ", ".join(_lr_key(lr) for lr in c.usable) if c.best_lr is not None else "none"
+            if c.transfer_error is None:
+                te = "missing" if c.transfer_lr is not None else "no L=6 best yet"
+            else:
+                te = f"{c.transfer_error:+.3f} (lr {_lr_key(c.transfer_lr)})"
+            lines.append(
+                f"| {arm} | {name} | {', '.join(_lr_key(lr) for lr in c.lrs)} | "
+                f"{_lr_key(c.best_lr) if c.best_lr is not None else '—'} | {best} | {usable} | {c.stuck}/{c.runs} | "
+                f"{c.diverged}/{c.runs} | {te} |"
+            )
+    verdict = depth_verdict(records, baseline)
+    lines += [
+        "",
+        "## SpanNorm's default depth scaling: the pre-registered rule",
+        "",
+        "Among " + ", ".join(f"`{a}` ({ARMS[a].label})" for a in DEPTH_RULE_ARMS) + ": an arm qualifies only if "
+        f"no seed is stuck or diverged at any learning rate at or below its best at L = {VERDICT_DEPTHS}; the "
+        f"default is the qualifying arm with the smallest mean transfer error over L = {VERDICT_DEPTHS[1:]}, ties "
+        f"(within {TRANSFER_TIE}) going to the lowest mean loss at own best. Needs seeds {VERDICT_SEEDS} at lrs "
+        f"{', '.join(_lr_key(lr) for lr in DEPTH_LRS)}, and every best learning rate bracketed (`depth_verdict`).",
+        "",
+        "| arm | " + " | ".join(f"transfer error L={d}" for d in VERDICT_DEPTHS[1:]) + " | mean | "
+        "mean loss at own best | stuck/diverged at or below best |",
+        "|---|" + "---|" * (len(VERDICT_DEPTHS) + 2),
+    ]
+    for arm, row in verdict.rows.items():
+        te = [row["transfer"].get(d) for d in VERDICT_DEPTHS[1:]]
+        fails = ", ".join(row["fails"][:6]) + (f" (+{len(row['fails']) - 6})" if len(row["fails"]) > 6 else "")
+        lines.append(
+            f"| {arm} | "
+            + " | ".join("—" if v is None else f"{v:+.3f}" for v in te)
+            + f" | {_num(row['mean_transfer'])} | {_num(row['mean_best'])} | {fails or 'none'} |"
+        )
+    lines += ["", f"Verdict: **{verdict.status}**" + (f": `{verdict.winner}`." if verdict.winner else ".")]
+    if verdict.status == "undecided":
+        shown = ", ".join(f"`{k}`" for k in verdict.missing[:30])
+        more = f" and {len(verdict.missing) - 30} more" if len(verdict.missing) > 30 else ""
+        lines += [
+            "",
+            "Provisional leader on the runs so far (not a verdict): "
+            + (f"`{verdict.provisional}`." if verdict.provisional else "none yet."),
+            "",
+            f"Missing {len(verdict.missing)} runs: {shown}{more}.",
+        ]
+    done = {r["key"] for r in records}
+    lines += [
+        "",
+        "## Grid coverage",
+        "",
+        "| section | arms | layers | experts | lrs | seeds | done |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, sec in enumerate(grid.sections, 1):
+        seeds = sec.seeds or grid.seeds
+        keys = {
+            RunSpec(arm, layers, sec.experts, lr, seed).key
+            for arm in sec.arms
+            for layers in sec.layers
+            for lr in sec.lrs
+            for seed in seeds
+        }
+        lines.append(
+            f"| {i} | {', '.join(sec.arms)} | {', '.join(map(str, sec.layers))} | {sec.experts} | "
+            f"{', '.join(_lr_key(lr) for lr in sec.lrs)} | {', '.join(map(str, seeds))} | "
+            f"{len(keys & done)}/{len(keys)} |"
+        )
+    return "\n".join(lines)
+
+
 def _grad_table(records: list[dict], grid: Grid) -> str:
     """Gradient-norm statistics and the per-block signal-propagation summary of every dense setting."""
     rows = [
@@ -757,6 +1074,8 @@ def _style(arm: str) -> dict:
         "span-learn": "tab:pink",
         "span-b2t": "goldenrod",
         "span-clean": "teal",
+        "span-mup": "tab:cyan",
+        "span-completep": "tab:brown",
     }
     dashed = arm.startswith("span-")
     return {"color": colors.get(arm, "black"), "ls": "--" if dashed else "-", "lw": 2.2 if arm == "span" else 1.3}
@@ -797,8 +1116,9 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
         ax.axhline(baseline, color="gray", lw=0.8, ls=":")
         ax.set_title(f"L={grid.sweep_layers} dense, {'each at its best lr' if lr is None else title}", fontsize=9)
         ax.set_xlabel("step")
-    low = min(y for ax in axes[0] for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y))
-    axes[0][0].set_ylim(low - 0.05, 4.0)
+    ys = [y for ax in axes[0] for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
+    if ys:  # a partial grid may have no run at the sweep depth yet
+        axes[0][0].set_ylim(min(ys) - 0.05, 4.0)
     axes[0][0].set_ylabel("train loss (nats/byte, mean over seeds)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -810,7 +1130,7 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
     lrs_of = defaultdict(set)
     for r in records:
         lrs_of[(r["layers"], r["experts"])].add(r["lr"])
-    configs = sorted(c for c, lrs_here in lrs_of.items() if len(lrs_here) > 1)
+    configs = sorted(c for c, lrs_here in lrs_of.items() if len(lrs_here) > 1) or sorted(lrs_of)
     fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4), squeeze=False)
     for ax, (layers, experts) in zip(axes[0], configs, strict=True):
         for arm in arms:
@@ -870,8 +1190,8 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
 
     # Per-layer statistics at the sweep depth and the deepest dense depth, at init and at the end of training,
     # each arm at its own best learning rate there (the fair protocol; the table has every other lr).
-    depths = sorted({grid.sweep_layers, dense_depths[-1]} & set(dense_depths))
-    for when in ("init", "end"):
+    depths = sorted({grid.sweep_layers, dense_depths[-1]} & set(dense_depths)) if dense_depths else []
+    for when in ("init", "end") if depths else ():
         fig, axes = plt.subplots(len(depths), 3, figsize=(15, 3.8 * len(depths)), squeeze=False)
         for row, layers in zip(axes, depths, strict=True):
             best = best_lrs(records, layers)
@@ -895,7 +1215,56 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
         made.append(out_dir / f"per_layer_{when}.png")
         _save(fig, made[-1])
         plt.close(fig)
+    if _is_depth_study(records):
+        made.append(plot_depth(records, out_dir, baseline))
     return made
+
+
+def plot_depth(records: list[dict], out_dir: Path, baseline: float = math.nan, base_layers: int = 6) -> Path:
+    """depth_transfer.png: per arm, best learning rate vs depth, and loss vs depth at its own best and at the
+    learning rate that was its best at L=6 (dense; a partial grid draws the points it has)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = depth_cells(records, baseline, base_layers)
+    groups = _group(records)
+    depths = sorted({r["layers"] for r in records if r["experts"] == 0})
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.2), squeeze=False)
+    for arm in _arms_in(records):
+        here = [(d, cells[(arm, d, 0)]) for d in depths if (arm, d, 0) in cells]
+        best = [(d, c.best_lr) for d, c in here if c.best_lr is not None]
+        if best:
+            axes[0][0].plot(*zip(*best, strict=True), marker="o", alpha=0.8, label=arm, **_style(arm))
+        own = [(d, groups[(arm, d, 0, c.best_lr)]) for d, c in here if c.best_lr is not None]
+        moved = [(d, groups[(arm, d, 0, c.transfer_lr)]) for d, c in here if c.transfer_error is not None]
+        for ax, pts in ((axes[0][1], own), (axes[0][2], moved)):
+            if pts:
+                _mean_std_series(ax, pts, arm)
+    axes[0][0].set_yscale("log", base=2)
+    axes[0][0].minorticks_off()
+    lrs = sorted({c.best_lr for (_, _, experts), c in cells.items() if experts == 0 and c.best_lr is not None})
+    axes[0][0].set_yticks(lrs, labels=[_lr_key(lr) for lr in lrs])
+    axes[0][0].set_ylabel("best peak learning rate")
+    axes[0][0].set_title("dense: best learning rate vs depth")
+    titles = ("dense: val loss vs depth, each arm at its own best lr", "dense: val loss vs depth, at the L=6 best lr")
+    for ax, title in zip(axes[0][1:], titles, strict=True):
+        ax.axhline(baseline, color="gray", lw=0.8, ls=":", label="unigram loss")
+        ax.set_title(title)
+        ax.set_ylabel("val loss (mean ± std over seeds)")
+        ax.set_ylim(*_ylim(ax))
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        ax.set_xticks(depths, labels=[str(d) for d in depths])
+        ax.set_xlabel("layers")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    path = out_dir / "depth_transfer.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
 
 def _nanmean(values: Iterable[float | None]) -> float:
@@ -964,6 +1333,8 @@ __all__ = [
     "Section",
     "best_lrs",
     "build_model",
+    "depth_cells",
+    "depth_verdict",
     "load_bytes",
     "lr_sensitivity",
     "markdown_table",

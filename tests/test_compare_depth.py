@@ -1,0 +1,238 @@
+"""The depth study of issue 10: its grid, the per-depth measures, the pre-registered default rule, and a report on
+a partial grid."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from spannorm_hf.training.corpus import read_default_corpus
+from spannorm_hf.training.diagnostics import decoder_blocks
+
+import compare
+
+BASELINE = 3.355  # unigram loss of the synthetic records below
+ALL_LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
+
+
+def test_depth_grid_plan():
+    grid = compare.GRIDS["depth"]
+    # Same model and protocol as the "wide" grid, which the old records were written under.
+    assert grid.shape() == compare.GRIDS["wide"].shape()
+    assert grid.shape() == {
+        "width": 128,
+        "heads": 4,
+        "ffn": 344,
+        "experts_per_tok": 2,
+        "seq_len": 64,
+        "batch_size": 16,
+        "steps": 200,
+        "warmup_frac": 0.1,
+        "eval_batches": 8,
+        "sweep_layers": 12,
+    }
+    runs = grid.runs()
+    assert len({s.key for s in runs}) == len(runs)
+    assert {s.arm for s in runs} == {"pre", "peri", "span", "span-mup", "span-completep"}
+    assert {(s.layers, s.experts) for s in runs} == {(6, 0), (12, 0), (24, 0), (48, 0), (12, 4)}
+    for arm in {s.arm for s in runs}:  # every arm is built through public config fields only
+        assert not compare.ARMS[arm].learnable_skip and compare.ARMS[arm].block is None
+    # Priority order: the cells that decide the default come first, on both seeds, then L=48 and MoE, then the
+    # edge learning rates, and the third seed last.
+    first = runs[:90]
+    assert {(s.layers, s.experts) for s in first} == {(6, 0), (12, 0), (24, 0)}
+    assert {s.lr for s in first} == set(compare.DEPTH_LRS) and {s.seed for s in first} == {0, 1}
+    assert [s.seed for s in first] == sorted(s.seed for s in first)  # seed-major within the section
+    assert {(s.layers, s.experts) for s in runs[90:150]} == {(48, 0), (12, 4)}
+    assert {s.lr for s in runs[150:-27]} == set(compare.DEPTH_EDGE_LRS)
+    third = runs[-27:]
+    assert {s.seed for s in third} == {2} and {s.arm for s in third} == set(compare.DEPTH_RULE_ARMS)
+    assert all(s.seed < 2 for s in runs[:-27])
+
+
+def test_old_grids_keep_seed_major_order():
+    runs = compare.GRIDS["full"].runs()
+    assert [s.seed for s in runs] == sorted(s.seed for s in runs)
+    with pytest.raises(ValueError, match="Grid.order='random'"):
+        dataclasses.replace(compare.GRIDS["quick"], order="random").runs()
+
+
+@pytest.mark.parametrize("arm,layers,expected", [("span-mup", 6, 12**0.5), ("span-completep", 48, 96.0)])
+def test_depth_arms_use_the_named_rules(arm, layers, expected):
+    model = compare.build_model(compare.RunSpec(arm, layers, 0, 1e-3, 0), compare.GRIDS["quick"])
+    assert model.config.residual_scale == compare.ARMS[arm].residual_scale
+    assert all(b.skip_scale == pytest.approx(expected) for b in decoder_blocks(model))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The measures and the pre-registered rule, on synthetic records
+# ---------------------------------------------------------------------------------------------------------
+
+
+def curve(best: dict[int, float], level: float) -> dict[tuple[int, float], float]:
+    """A V-shaped loss over log2(lr), lowest (`level`) at `best[depth]`: 0.1 nat per factor of 2 away."""
+    return {(d, lr): level + 0.1 * abs(math.log2(lr / b)) for d, b in best.items() for lr in ALL_LRS}
+
+
+def records_of(losses: dict[str, dict[tuple[int, float], float]], seeds=(0, 1, 2)) -> list[dict]:
+    out = []
+    for arm, table in losses.items():
+        for (layers, lr), loss in table.items():
+            for seed in seeds:
+                spec = compare.RunSpec(arm, layers, 0, lr, seed)
+                out.append({**dataclasses.asdict(spec), "key": spec.key, "val_loss": loss, "diverged": False})
+    return out
+
+
+def synthetic() -> list[dict]:
+    return records_of(
+        {
+            # today's default: its best moves from 4e-3 to 2e-3 at L=24 (transfer error 0.1 there)
+            "span": curve({6: 4e-3, 12: 4e-3, 24: 2e-3}, 2.20),
+            # both new rules keep their best in place; depth-muP reaches the lower loss
+            "span-mup": curve({6: 4e-3, 12: 4e-3, 24: 4e-3}, 2.25),
+            "span-completep": curve({6: 8e-3, 12: 8e-3, 24: 8e-3}, 2.30),
+        }
+    )
+
+
+def replace_loss(records: list[dict], key: str, loss: float | None, diverged: bool = False) -> None:
+    for rec in records:
+        if rec["key"] == key:
+            rec["val_loss"], rec["diverged"] = loss, diverged
+
+
+def test_depth_cells_measures():
+    records = synthetic()
+    replace_loss(records, "span|L24|E0|lr0.016|s0", BASELINE)  # one stuck seed
+    cells = compare.depth_cells(records, BASELINE)
+    c6, c24 = cells[("span", 6, 0)], cells[("span", 24, 0)]
+    assert (c6.best_lr, c6.transfer_lr, c6.transfer_error) == (4e-3, 4e-3, 0.0)
+    assert c24.best_lr == 2e-3 and c24.transfer_lr == 4e-3
+    assert c24.transfer_error == pytest.approx(0.1)
+    assert c24.best_loss == pytest.approx(2.20)
+    assert c6.usable == (4e-3,)  # neighbours are 0.1 worse: outside the 0.05 window
+    assert (c24.runs, c24.stuck, c24.diverged) == (15, 1, 0)
+
+
+def test_depth_verdict_smallest_transfer_error_then_loss():
+    verdict = compare.depth_verdict(synthetic(), BASELINE)
+    assert verdict.status == "decided" and not verdict.missing
+    assert verdict.rows["span"]["mean_transfer"] == pytest.approx(0.05)
+    # depth-muP and CompleteP both transfer perfectly (a tie): the lower mean loss at own best wins
+    assert verdict.winner == "span-mup"
+
+
+def test_depth_verdict_the_shipped_default_wins_only_by_the_rule():
+    records = records_of({"span": curve({6: 4e-3, 12: 4e-3, 24: 4e-3}, 2.20)})
+    records += [r for r in synthetic() if r["arm"] != "span"]
+    assert compare.depth_verdict(records, BASELINE).winner == "span"  # ties on transfer, lowest loss
+    # A transfer error just over the tie margin loses although its loss is far lower.
+    records = records_of({"span": curve({6: 4e-3, 12: 4e-3, 24: 4e-3}, 1.50)}) + [
+        r for r in synthetic() if r["arm"] != "span"
+    ]
+    for seed in (0, 1, 2):
+        replace_loss(records, f"span|L24|E0|lr0.004|s{seed}", 1.50 + 0.011 * 2)  # mean over 12, 24: 0.011
+        replace_loss(records, f"span|L24|E0|lr0.008|s{seed}", 1.50)  # own best at L=24 moves to 8e-3
+    verdict = compare.depth_verdict(records, BASELINE)
+    assert verdict.rows["span"]["mean_transfer"] == pytest.approx(0.011)
+    assert verdict.winner == "span-mup"
+
+
+def test_depth_verdict_a_stuck_seed_at_or_below_the_best_disqualifies():
+    records = synthetic()
+    replace_loss(records, "span-mup|L24|E0|lr0.002|s1", BASELINE + 0.01)
+    verdict = compare.depth_verdict(records, BASELINE)
+    assert verdict.rows["span-mup"]["fails"] == ["L=24 lr 0.002 seed 1"]
+    assert verdict.winner == "span-completep"
+    # At the best learning rate itself too (the other seeds there are good enough to keep it the best).
+    records = synthetic()
+    replace_loss(records, "span-mup|L12|E0|lr0.004|s0", BASELINE - 0.04)
+    for seed in (1, 2):
+        replace_loss(records, f"span-mup|L12|E0|lr0.004|s{seed}", 1.0)
+    verdict = compare.depth_verdict(records, BASELINE)
+    assert compare.depth_cells(records, BASELINE)[("span-mup", 12, 0)].best_lr == 4e-3
+    assert verdict.rows["span-mup"]["fails"] == ["L=12 lr 0.004 seed 0"]
+    # Above the best learning rate a stuck (or diverged) seed does not disqualify.
+    records = synthetic()
+    replace_loss(records, "span-mup|L24|E0|lr0.016|s1", BASELINE + 0.01)
+    replace_loss(records, "span-mup|L12|E0|lr0.016|s0", None, diverged=True)
+    assert compare.depth_verdict(records, BASELINE).winner == "span-mup"
+    # A diverged seed below the best disqualifies like a stuck one.
+    records = synthetic()
+    replace_loss(records, "span-mup|L6|E0|lr0.001|s2", None, diverged=True)
+    assert compare.depth_verdict(records, BASELINE).rows["span-mup"]["fails"] == ["L=6 lr 0.001 seed 2"]
+    # Nothing qualifies: no winner, and the verdict says so.
+    records = synthetic()
+    for arm in compare.DEPTH_RULE_ARMS:
+        replace_loss(records, f"{arm}|L6|E0|lr0.001|s0", BASELINE)
+    verdict = compare.depth_verdict(records, BASELINE)
+    assert (verdict.status, verdict.winner, verdict.provisional) == ("none qualifies", None, None)
+
+
+def test_depth_verdict_is_undecided_until_every_required_run_is_in():
+    records = [r for r in synthetic() if r["key"] != "span-completep|L12|E0|lr0.004|s2"]
+    verdict = compare.depth_verdict(records, BASELINE)
+    assert verdict.status == "undecided" and verdict.winner is None
+    assert verdict.missing == ("span-completep|L12|E0|lr0.004|s2",)
+    assert verdict.provisional == "span-mup"
+    # A best learning rate at the edge of what ran must be bracketed: twice it, on seeds 0 and 1.
+    records = [r for r in synthetic() if not (r["arm"] == "span-completep" and r["lr"] > 8e-3)]
+    verdict = compare.depth_verdict(records, BASELINE)
+    assert verdict.status == "undecided"
+    assert set(verdict.missing) == {f"span-completep|L{d}|E0|lr0.016|s{s}" for d in (6, 12, 24) for s in (0, 1)}
+    # Only the core cells, no edges at all: half the lowest / twice the highest where the best sits there.
+    core = [r for r in synthetic() if r["lr"] in compare.DEPTH_LRS]
+    missing = set(compare.depth_verdict(core, BASELINE).missing)
+    assert "span|L24|E0|lr0.001|s0" in missing and "span-completep|L6|E0|lr0.016|s1" in missing
+    assert not any(k.startswith("span-mup") for k in missing)
+    assert compare.depth_verdict([], BASELINE).status == "undecided"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A report on a partial grid
+# ---------------------------------------------------------------------------------------------------------
+
+TINY = compare.Grid(
+    "tiny-depth",
+    sections=(compare.Section(compare.DEPTH_ARMS, (2,), (3e-3,), seeds=(0,)),),
+    seeds=(0, 1),
+    order="section",
+    width=16,
+    heads=2,
+    ffn=32,
+    steps=12,
+    seq_len=16,
+    batch_size=4,
+    eval_batches=2,
+    sweep_layers=3,
+)
+
+
+def test_report_on_a_partial_grid_marks_missing_cells(tmp_path):
+    torch.set_num_threads(1)
+    data = tmp_path / "corpus.txt"
+    data.write_text(read_default_corpus()[:40_000])
+    compare.run_grid(TINY, tmp_path, data=data, log=lambda msg: None)
+    assert all(0 < r["cpu_seconds"] < 600 for r in compare.read_records(tmp_path / "runs.jsonl"))
+    planned = dataclasses.replace(
+        TINY,
+        sections=TINY.sections
+        + (
+            compare.Section(compare.DEPTH_ARMS, (2, 3), (3e-3, 1e-2)),
+            compare.Section(("span",), (2,), (1e-2,), experts=4),
+        ),
+    )
+    written = compare.write_report(tmp_path, planned, data=data)
+    table = (tmp_path / "table.md").read_text()
+    assert "| span-mup | L=3 dense | missing |" in table
+    assert "| span | L=2 MoE | missing |" in table
+    assert "Verdict: **undecided**" in table
+    assert "| 1 | pre, peri, span, span-mup, span-completep | 2 | 0 | 0.003 | 0 | 5/5 |" in table
+    assert "| 2 | pre, peri, span, span-mup, span-completep | 2, 3 | 0 | 0.003, 0.01 | 0, 1 | 5/40 |" in table
+    assert "Verdict: `span`" not in table  # the old span vs span-init verdict needs span-init
+    assert tmp_path / "depth_transfer.png" in written
+    for path in written:
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
