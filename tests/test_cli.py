@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from test_generate import run_script
 
 from spannorm_hf.cli import ArgumentParser, InputError, command
+
+from helpers import assert_one_error_line, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {
@@ -34,16 +35,6 @@ def load_entry_point(target: str):
 
 def options(help_text: str) -> set[str]:
     return set(re.findall(r"--[a-z][a-z_-]*", help_text))
-
-
-def assert_one_error_line(err: str, *fragments: str) -> str:
-    """stderr holds exactly one `error:` line (the last), containing every fragment, and no traceback."""
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip("\n").splitlines()[-1] == errors[0], err
-    for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
-    return errors[0]
 
 
 def test_every_command_is_a_console_script_and_a_script(monkeypatch, capsys):

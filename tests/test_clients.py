@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from test_generate import run_script, save_tiny_checkpoint, tiny_tokenizer
-from test_training import argv, clean_accelerate_state, make_train_files
 
 from spannorm_hf.integrations.finetune import IGNORE_INDEX, encode_instruction, format_prompt
 from spannorm_hf.integrations.generation import generate, generation_config, load_model
 from spannorm_hf.integrations.hub import TRAINING_DETAILS_FILE, build_hub_folder, load_checkpoint
 from spannorm_hf.training.tokenizer import EOS, IM_END, IM_START
 from spannorm_hf.training.trainer import parse_args, train
+
+from helpers import argv, clean_accelerate_state, make_train_files, run_script, save_tiny_checkpoint, tiny_tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Answer briefly."},

@@ -29,7 +29,7 @@ from spannorm_hf.training.data import (
 )
 from spannorm_hf.training.tokenizer import train_tokenizer
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 DOCS = ["alpha beta gamma delta", "one two three", "the quick brown fox jumps over the lazy dog", "x y"]
 

@@ -16,7 +16,6 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.state import AcceleratorState
 from accelerate.utils import PrepareForLaunch, patch_environment
 from safetensors import safe_open
-from test_training import ROOT, argv, checkpoint_names, clean_accelerate_state, make_train_files, records
 from torch.distributed.fsdp import FSDPModule
 from torch.multiprocessing import start_processes
 from transformers import AutoModelForCausalLM
@@ -24,6 +23,10 @@ from transformers import AutoModelForCausalLM
 from spannorm_hf.training.trainer import build_accelerator, parse_args, train
 
 from distributed_cpu import use_fsdp2_on_cpu
+from helpers import ROOT, argv, checkpoint_names, clean_accelerate_state, records
+
+# Runs train in this process: accelerate's singletons are reset around every test.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 METRICS = ("loss", "lr", "val_loss", "block_0/output_rms", "block_2/grad_norm", "block_1/cosine")
 
@@ -64,17 +67,6 @@ def assert_same_steps(ours, reference, steps, tol=1e-5) -> None:
         for key in METRICS:
             if key in reference[step]:
                 assert ours[step][key] == pytest.approx(reference[step][key], abs=tol, rel=tol), (step, key)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    with clean_accelerate_state():
-        yield
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return make_train_files(tmp_path_factory.mktemp("train-files"))
 
 
 @pytest.fixture(scope="module")

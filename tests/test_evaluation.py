@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_generate import run_script, save_tiny_checkpoint
 
 from spannorm_hf.integrations.evaluation import (
     PAPER_TASKS,
@@ -17,20 +16,11 @@ from spannorm_hf.integrations.evaluation import (
     summarize_lm_eval,
     task_manager,
 )
-from spannorm_hf.integrations.generation import load_model
+
+from helpers import assert_one_error_line, run_script
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 TEXT = "The interpreter reads a line, parses it and runs it. " * 6
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("eval") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    return load_model(checkpoint, device="cpu")
 
 
 def direct_nll(model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[float, int]:
@@ -141,7 +131,6 @@ def test_lm_eval_scores_our_checkpoint_as_an_hf_client(checkpoint, loaded, monke
     ],
 )
 def test_evaluate_script_bad_input_is_one_line(checkpoint, tmp_path, monkeypatch, capsys, extra, fragments):
-    from test_cli import assert_one_error_line
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "held_out.txt").write_text(TEXT)

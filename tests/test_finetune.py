@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_generate import run_script, save_tiny_checkpoint, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from spannorm_hf import SpanNormForCausalLM
@@ -24,12 +23,20 @@ from spannorm_hf.integrations.finetune import (
 )
 from spannorm_hf.integrations.hub import TRAINING_DETAILS_FILE
 
-from conftest import finished_run_folder, snapshot
+from helpers import (
+    assert_one_error_line,
+    finished_run_folder,
+    run_script,
+    save_tiny_checkpoint,
+    snapshot,
+    tiny_tokenizer,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
     "{% if add_generation_prompt %}<|bos|>assistant: {% endif %}"
 )
+
 INSTRUCTIONS = [
     {"prompt": f"Which module handles paths, case {i}?", "response": " os.path handles paths."} for i in range(12)
 ]
@@ -193,7 +200,6 @@ def test_adapter_for_another_base_is_rejected(dense, tmp_path, caplog):
 
 
 def test_finetune_script_bad_input_is_one_line_and_touches_nothing(tmp_path, monkeypatch, capsys):
-    from test_cli import assert_one_error_line
 
     def fails(argv: list[str], *fragments: str) -> None:
         assert run_script("finetune_lora.py", argv, monkeypatch) == 2

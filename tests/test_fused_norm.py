@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from spannorm_hf import SpanNormForCausalLM, modeling_spannorm
 from spannorm_hf.modeling_spannorm import SpanNormRMSNorm, add_rms_norm, fused_add_rms_norm
 
-from conftest import assert_same_greedy_tokens, tiny_config
+from helpers import assert_same_greedy_tokens, tiny_config
 
 
 def _inputs(shape=(2, 5, 32), seed=0):

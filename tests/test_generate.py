@@ -1,66 +1,16 @@
-"""Generation: greedy / sampling / beam over batches, streaming, the text-generation pipeline, and the CLI.
+"""Generation: greedy / sampling / beam over batches, streaming, the text-generation pipeline, and the CLI."""
 
-Also home of the tiny-checkpoint helpers the other fine-tune / evaluation / hub tests import.
-"""
-
-import functools
-import runpy
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import pipeline
 
-from spannorm_hf import SpanNormForCausalLM
-from spannorm_hf.integrations.generation import generate, generation_config, load_model
-from spannorm_hf.training.corpus import read_default_corpus
-from spannorm_hf.training.tokenizer import train_tokenizer
+from spannorm_hf.integrations.generation import generate, generation_config
 
-from conftest import assert_same_greedy_tokens, moe_config, tiny_config
+from helpers import assert_one_error_line, assert_same_greedy_tokens, run_script
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 PROMPTS = ["The Python interpreter", "import os", "A list comprehension is"]
-
-
-@functools.cache
-def tiny_tokenizer():
-    return train_tokenizer(read_default_corpus().splitlines()[:3000], vocab_size=300)
-
-
-def save_tiny_checkpoint(path: Path, kind: str = "dense", seed: int = 0, **overrides) -> Path:
-    """A randomly initialised tiny SpanNorm model + the tiny tokenizer, saved like a training checkpoint."""
-    tokenizer = tiny_tokenizer()
-    factory = moe_config if kind == "moe" else tiny_config
-    config = factory(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **overrides,
-    )
-    torch.manual_seed(seed)
-    SpanNormForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def run_script(name: str, argv: list[str], monkeypatch) -> int:
-    """Run scripts/NAME.py in this process, as `python scripts/NAME.py ARGV` would; its exit status."""
-    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / name), *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(SCRIPTS / name), run_name="__main__")
-    return exit_info.value.code
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("generate") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    return load_model(checkpoint, device="cpu")
 
 
 def test_batch_generation_equals_one_prompt_at_a_time_and_the_pipeline(checkpoint, loaded):
@@ -207,7 +157,6 @@ def test_generate_script(checkpoint, loaded, monkeypatch, capsys, tmp_path):
     ],
 )
 def test_generate_script_rejects_bad_prompts_in_one_line(checkpoint, monkeypatch, capsys, extra, fragments):
-    from test_cli import assert_one_error_line
 
     argv = ["--model", str(checkpoint), "--device", "cpu", "--max-new-tokens", "8", *extra]
     assert run_script("generate.py", argv, monkeypatch) == 2

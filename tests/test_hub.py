@@ -9,7 +9,6 @@ import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import EvalResult, ModelCard
-from test_generate import run_script, save_tiny_checkpoint
 from test_modeling import generate_in_fresh_process
 
 from spannorm_hf import NORM_SCHEME_NAMES, SpanNormForCausalLM
@@ -27,10 +26,17 @@ from spannorm_hf.integrations.hub import (
 )
 from spannorm_hf.parameters import parameter_counts
 
-from conftest import finished_run_folder, moe_config, snapshot, tiny_config
 from fake_hub import closed_port_url
-
-CODE_FILES = ("configuration_spannorm.py", "modeling_spannorm.py")
+from helpers import (
+    CODE_FILES,
+    assert_one_error_line,
+    finished_run_folder,
+    moe_config,
+    run_script,
+    save_tiny_checkpoint,
+    snapshot,
+    tiny_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +317,6 @@ def test_checkpoint_pusher_without_token_or_network_warns_once(tmp_path, hub_at,
     ],
 )
 def test_publish_bad_input_is_one_line(moe_checkpoint, tmp_path, monkeypatch, capsys, no_token, argv, fragments):
-    from test_cli import assert_one_error_line
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")

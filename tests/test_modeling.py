@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 import spannorm_hf
 from spannorm_hf import NORM_SCHEME_NAMES, SpanNormConfig, SpanNormForCausalLM, SpanNormForSequenceClassification
 
-from conftest import assert_same_greedy_tokens, moe_config, tiny_config
+from helpers import assert_same_greedy_tokens, moe_config, tiny_config
 
 SCHEMES_X_KIND = [(s, k) for s in NORM_SCHEME_NAMES for k in ("dense", "moe")]
 

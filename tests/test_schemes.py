@@ -10,7 +10,7 @@ import torch
 
 from spannorm_hf import NORM_SCHEME_NAMES, SpanNormForCausalLM
 
-from conftest import moe_config, tiny_config
+from helpers import moe_config, tiny_config
 
 LAYERS = 3
 

@@ -10,7 +10,7 @@ from spannorm_hf.training.corpus import CORPUS_LICENSE, DEFAULT_CORPUS, read_def
 from spannorm_hf.training.diagnostics import BlockStats, block_grad_norms
 from spannorm_hf.training.tokenizer import train_tokenizer
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def test_embedded_corpus_is_small_licensed_text():

@@ -4,7 +4,6 @@ MoE aux loss, and the early errors for bad input. Tiny models, short sequences, 
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -15,112 +14,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from test_hub import CODE_FILES
+from accelerate.state import AcceleratorState
 
 from spannorm_hf.files import OUTPUT_MARKER, claim_output_dir
 from spannorm_hf.training.checkpointing import write_manifest
-from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.tokenizer import train_tokenizer
 from spannorm_hf.training.trainer import load_config, main, parse_args, train
 
-from conftest import moe_config, snapshot, tiny_config
 from fake_hub import closed_port_url
+from helpers import (
+    CODE_FILES,
+    ROOT,
+    argv,
+    checkpoint_names,
+    clean_accelerate_state,
+    losses,
+    records,
+    snapshot,
+    subprocess_env,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def clean_accelerate_state():
-    """Accelerate keeps process-wide singletons: every in-process run starts from a clean slate. One thread:
-    these models are tiny, and on a busy 2-core machine two threads make each op several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    with clean_accelerate_state():
-        yield
-
-
-def make_train_files(root: Path) -> Path:
-    """A small text file, a trained 300-token tokenizer and tiny dense / MoE configs."""
-    paragraphs = read_default_corpus()[:60_000].split("\n\n")
-    (root / "data.txt").write_text("\n\n".join(paragraphs))
-    train_tokenizer(paragraphs, vocab_size=300).save_pretrained(root / "tok")
-    sizes = dict(vocab_size=300, max_position_embeddings=64)
-    tiny_config(**sizes).to_json_file(root / "dense.json")
-    moe_config(**sizes, router_aux_loss_coef=1.0).to_json_file(root / "moe.json")
-    moe_config(**sizes, router_aux_loss_coef=0.0).to_json_file(root / "moe-noaux.json")
-    tiny_config(**{**sizes, "hidden_size": 48}).to_json_file(root / "wider.json")
-    return root
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Path:
-    return make_train_files(tmp_path_factory.mktemp("train-files"))
-
-
-def argv(files: Path, output: Path, config: str = "dense.json", **overrides) -> list[str]:
-    """Command line of a tiny run; overrides use argument names (None drops an option)."""
-    options = dict(
-        config=str(files / config),
-        output=str(output),
-        data=str(files / "data.txt"),
-        tokenizer=str(files / "tok"),
-        seq_len=32,
-        batch_size=4,
-        max_steps=12,
-        log_every=1,
-        eval_every=6,
-        eval_batches=2,
-        diag_every=4,
-        save_every=6,
-        warmup_steps=2,
-        lr=3e-3,
-        val_size=0.05,
-    )
-    options.update(overrides)
-    out = []
-    for key, value in options.items():
-        if value is None:
-            continue
-        out.append(f"--{key.replace('_', '-')}")
-        if value is not True:
-            out.append(str(value))
-    return out
-
-
-def records(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(output: Path) -> dict[int, float]:
-    """Per-step training loss; the last record of a step wins (a resumed run rewrites later steps)."""
-    return {r["step"]: r["loss"] for r in records(output) if "loss" in r}
-
-
-def checkpoint_names(output: Path) -> list[str]:
-    root = output / "checkpoints"
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
-
-
-def subprocess_env() -> dict:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),  # the same kernels as this process: identical numbers
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-    }
+# Runs train in this process: accelerate's singletons are reset around every test.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_training_logs_evaluates_diagnoses_checkpoints_and_exports(files, tmp_path):
