@@ -2,10 +2,25 @@
 """SpanNorm model configuration.
 
 This file is copied next to the weights by `save_pretrained`, so the Hub's remote-code loader can use it:
-it imports only transformers.
+it imports only transformers. It is also the first file a remote-code load runs, so it checks the version.
 """
 
-from transformers.configuration_utils import PreTrainedConfig
+import dataclasses
+
+import transformers
+
+# The oldest transformers the two model files run on (remote code runs on whatever transformers the user has).
+MIN_TRANSFORMERS_VERSION = "5.17.0"
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 17):
+    raise ImportError(
+        f"SpanNorm's model code needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers "
+        f"{transformers.__version__} is installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
+    )
+
+from transformers.configuration_utils import PreTrainedConfig  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+logger = logging.get_logger(__name__)
 
 # The norm placements a config may name; the block equations live in `modeling_spannorm.NORM_SCHEMES`.
 NORM_SCHEME_NAMES = ("span", "pre", "post", "deepnorm", "peri", "hybrid")
@@ -18,6 +33,20 @@ SCALED_SCHEMES = ("span", "deepnorm")
 RESIDUAL_SCALE_RULES = {"auto": 0.25, "deepnet": 0.25, "depth_mup": 0.5, "completep": 1.0}
 # Named depth rules for the branch init gain, as the exponent beta of `b = (8 L) ** beta`; "auto" is "deepnet".
 BRANCH_INIT_GAIN_RULES = {"auto": -0.25, "deepnet": -0.25}
+# Settings only a Mixture-of-Experts model has. A dense config (num_experts=0) does not carry them, neither as
+# attributes nor in config.json, because clients decide "is this MoE?" by their presence: TRL turns its load-balancing
+# loss on when `output_router_logits` exists and `router_aux_loss_coef` is non-zero, and counts expert FLOPs when
+# `num_experts_per_tok` exists.
+MOE_FIELDS = frozenset(
+    (
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "router_aux_loss_coef",
+        "output_router_logits",
+        "first_k_dense_layers",
+    )
+)
 # Written into every saved config.json so the folder loads through any of these auto classes with
 # `trust_remote_code=True` (save_pretrained adds only the saving class's own entry).
 AUTO_MAP = {
@@ -68,7 +97,8 @@ class SpanNormConfig(PreTrainedConfig):
             defaults was kept over `residual_scale=1.0` by a pre-registered rule on the norm-scheme comparison
             (README, "Does SpanNorm work?"): neither wins in a majority of settings.
         num_experts (`int`, defaults to 0):
-            Routed experts per sparse layer; 0 builds a dense model.
+            Routed experts per sparse layer; 0 builds a dense model, whose config has none of the MoE settings below
+            (reading one raises `AttributeError`, as on a Llama config).
         num_experts_per_tok (`int`, defaults to 2):
             Top-k experts per token.
         moe_intermediate_size (`int`, *optional*):
@@ -91,7 +121,7 @@ class SpanNormConfig(PreTrainedConfig):
     """
 
     model_type = "spannorm"
-    keys_to_ignore_at_inference = ["cache"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # 5.24 and older names
 
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -154,6 +184,22 @@ class SpanNormConfig(PreTrainedConfig):
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         self.validate_spannorm()
+        if self.num_experts == 0:
+            self._drop_moe_fields()
+
+    def _drop_moe_fields(self) -> None:
+        """A dense config forgets its MoE settings (see `MOE_FIELDS`); one set to a non-default value was a mistake."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in MOE_FIELDS}
+        defaults["moe_intermediate_size"] = self.intermediate_size
+        for name in MOE_FIELDS:
+            value = self.__dict__.pop(name, defaults[name])
+            if value != defaults[name]:
+                logger.warning(f"SpanNormConfig.{name}={value!r} is ignored: num_experts=0 builds a dense model")
+
+    def __getattribute__(self, key: str):
+        if key in MOE_FIELDS and key not in super().__getattribute__("__dict__") and not self.num_experts:
+            raise AttributeError(f"{key!r} is a Mixture-of-Experts setting; this config is dense (num_experts=0)")
+        return super().__getattribute__(key)
 
     def validate_spannorm(self) -> None:
         """Raise `ValueError` naming the first impossible field, before any weight is allocated."""
@@ -170,15 +216,12 @@ class SpanNormConfig(PreTrainedConfig):
             "num_key_value_heads",
             "head_dim",
             "max_position_embeddings",
-            "moe_intermediate_size",
         ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(field, "must be a positive integer")
-        for field in ("num_experts", "first_k_dense_layers"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                fail(field, "must be a non-negative integer")
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 0:
+            fail("num_experts", "must be a non-negative integer")
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -193,8 +236,6 @@ class SpanNormConfig(PreTrainedConfig):
                 fail(field, "must be a positive number")
         if not 0.0 <= self.attention_dropout < 1.0:
             fail("attention_dropout", "must be in [0, 1)")
-        if isinstance(self.router_aux_loss_coef, bool) or self.router_aux_loss_coef < 0:
-            fail("router_aux_loss_coef", "must be >= 0")
         for field, rules in (("residual_scale", RESIDUAL_SCALE_RULES), ("branch_init_gain", BRANCH_INIT_GAIN_RULES)):
             value = getattr(self, field)
             if value == "auto" or (value is None and field == "branch_init_gain"):
@@ -208,10 +249,17 @@ class SpanNormConfig(PreTrainedConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 fail(field, f"must be a positive number or one of {tuple(rules)}")
         if self.num_experts > 0:
+            value = self.moe_intermediate_size
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail("moe_intermediate_size", "must be a positive integer")
             if not isinstance(self.num_experts_per_tok, int) or not 0 < self.num_experts_per_tok <= self.num_experts:
                 fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
-            if self.first_k_dense_layers > self.num_hidden_layers:
-                fail("first_k_dense_layers", f"must be <= num_hidden_layers={self.num_hidden_layers}")
+            value = self.first_k_dense_layers
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self.num_hidden_layers:
+                fail("first_k_dense_layers", f"must be an integer in [0, num_hidden_layers={self.num_hidden_layers}]")
+            value = self.router_aux_loss_coef
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                fail("router_aux_loss_coef", "must be a number >= 0")
 
     @property
     def skip_scale(self) -> float:
