@@ -6,6 +6,7 @@ it imports only transformers. It is also the first file a remote-code load runs,
 """
 
 import dataclasses
+import difflib
 
 import transformers
 
@@ -17,7 +18,9 @@ if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 17
         f"{transformers.__version__} is installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
     )
 
+from transformers.activations import ACT2FN  # noqa: E402
 from transformers.configuration_utils import PreTrainedConfig  # noqa: E402
+from transformers.generation import GenerationConfig  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 logger = logging.get_logger(__name__)
@@ -33,6 +36,9 @@ SCALED_SCHEMES = ("span", "deepnorm")
 RESIDUAL_SCALE_RULES = {"auto": 0.25, "deepnet": 0.25, "depth_mup": 0.5, "completep": 1.0}
 # Named depth rules for the branch init gain, as the exponent beta of `b = (8 L) ** beta`; "auto" is "deepnet".
 BRANCH_INIT_GAIN_RULES = {"auto": -0.25, "deepnet": -0.25}
+# Schemes whose token embeddings start at N(0, 1) (post-style: the residual stream is normalized to unit scale), not
+# N(0, initializer_range). Tied to the LM head, such embeddings give logits of std ~sqrt(hidden_size) at init.
+UNIT_EMBEDDING_SCHEMES = ("span", "post", "deepnorm", "peri")
 # Settings only a Mixture-of-Experts model has. A dense config (num_experts=0) does not carry them, neither as
 # attributes nor in config.json, because clients decide "is this MoE?" by their presence: TRL turns its load-balancing
 # loss on when `output_router_logits` exists and `router_aux_loss_coef` is non-zero, and counts expert FLOPs when
@@ -45,6 +51,37 @@ MOE_FIELDS = frozenset(
         "router_aux_loss_coef",
         "output_router_logits",
         "first_k_dense_layers",
+    )
+)
+# Keys transformers itself reads or writes besides the dataclass fields (legacy names it converts, settings it moves
+# elsewhere, bookkeeping, old defaults): never reported as unknown. Generation settings are added from transformers.
+TRANSFORMERS_KEYS = frozenset(
+    (
+        "model_type",
+        "auto_map",
+        "torch_dtype",
+        "num_labels",
+        "name_or_path",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "per_layer_config",
+        "rope_scaling",
+        "rope_theta",
+        "partial_rotary_factor",
+        "use_return_dict",
+        "torchscript",
+        "pruned_heads",
+        "is_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "tie_encoder_decoder",
+        "tokenizer_class",
+        "finetuning_task",
+        "task_specific_params",
+        "prefix",
+        "use_bfloat16",
+        "tf_legacy_loss",
     )
 )
 # Written into every saved config.json so the folder loads through any of these auto classes with
@@ -180,12 +217,25 @@ class SpanNormConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        self._warn_unknown_keys(kwargs)
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         self.validate_spannorm()
         if self.num_experts == 0:
             self._drop_moe_fields()
+
+    def _warn_unknown_keys(self, kwargs: dict) -> None:
+        """Keys that are neither fields nor transformers' own are kept (transformers' rule) but used by nothing: say so,
+        naming the closest field, so that a typo such as `num_hidden_layer` does not silently build another model."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        known = TRANSFORMERS_KEYS | set(GenerationConfig._get_default_generation_params())
+        for key in kwargs:
+            if key in known or key.startswith("_") or key.endswith("_token_id"):
+                continue
+            closest = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {closest[0]}?" if closest else ""
+            logger.warning(f"SpanNormConfig: unknown key {key!r} is kept in the config but used by nothing{hint}")
 
     def _drop_moe_fields(self) -> None:
         """A dense config forgets its MoE settings (see `MOE_FIELDS`); one set to a non-default value was a mistake."""
@@ -230,12 +280,21 @@ class SpanNormConfig(PreTrainedConfig):
             fail("head_dim", "must be even for rotary embeddings")
         if self.norm_scheme not in NORM_SCHEME_NAMES:
             fail("norm_scheme", f"must be one of {NORM_SCHEME_NAMES}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            fail("hidden_act", f"must be one of transformers' activations: {', '.join(sorted(ACT2FN))}")
+        if self.tie_word_embeddings and self.norm_scheme in UNIT_EMBEDDING_SCHEMES:
+            fail(
+                "tie_word_embeddings",
+                f"norm_scheme={self.norm_scheme!r} starts its embeddings at N(0, 1), which as a tied LM head gives "
+                "logits of std ~sqrt(hidden_size) at init; set tie_word_embeddings=False or norm_scheme 'pre'/'hybrid'",
+            )
         for field in ("initializer_range", "rms_norm_eps"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 fail(field, "must be a positive number")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            fail("attention_dropout", "must be in [0, 1)")
+        value = self.attention_dropout
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            fail("attention_dropout", "must be a number in [0, 1)")
         for field, rules in (("residual_scale", RESIDUAL_SCALE_RULES), ("branch_init_gain", BRANCH_INIT_GAIN_RULES)):
             value = getattr(self, field)
             if value == "auto" or (value is None and field == "branch_init_gain"):

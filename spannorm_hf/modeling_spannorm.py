@@ -55,7 +55,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_spannorm import SpanNormConfig
+from .configuration_spannorm import UNIT_EMBEDDING_SCHEMES, SpanNormConfig
 
 # ---------------------------------------------------------------------------------------------------------
 # Compatibility with the transformers that runs this file. 5.17-5.23 call the KV cache `past_key_values` (the
@@ -288,18 +288,15 @@ class NormScheme(NamedTuple):
     first_block_norms: tuple[str, ...] = ()  # extra norms only layer 0 owns
     attn_norms: tuple[str, ...] = ()  # per-head norms inside attention
     final_norm: bool = False  # an RMSNorm before the LM head
-    unit_embeddings: bool = True  # token embeddings N(0, 1) instead of N(0, initializer_range)
 
 
 NORM_SCHEMES: dict[str, NormScheme] = {
     "span": NormScheme(span_block, (POST_ATTN, POST_FFN), first_block_norms=(IN,)),
-    "pre": NormScheme(pre_block, (IN, PRE_FFN), final_norm=True, unit_embeddings=False),
+    "pre": NormScheme(pre_block, (IN, PRE_FFN), final_norm=True),
     "post": NormScheme(post_block, (POST_ATTN, POST_FFN)),
     "deepnorm": NormScheme(post_block, (POST_ATTN, POST_FFN)),
     "peri": NormScheme(peri_block, (IN, POST_ATTN, PRE_FFN, POST_FFN), final_norm=True),
-    "hybrid": NormScheme(
-        hybrid_block, (PRE_FFN,), attn_norms=("q_norm", "k_norm", "v_norm"), final_norm=True, unit_embeddings=False
-    ),
+    "hybrid": NormScheme(hybrid_block, (PRE_FFN,), attn_norms=("q_norm", "k_norm", "v_norm"), final_norm=True),
 }
 
 
@@ -401,7 +398,7 @@ class SpanNormModel(SpanNormPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        if NORM_SCHEMES[config.norm_scheme].unit_embeddings:  # post-style schemes start from N(0, 1) tokens
+        if config.norm_scheme in UNIT_EMBEDDING_SCHEMES:  # post-style schemes start from N(0, 1) tokens
             self.embed_tokens.init_std = 1.0
         self.layers = nn.ModuleList(
             [SpanNormDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]

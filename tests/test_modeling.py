@@ -263,11 +263,12 @@ def test_logits_to_keep():
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_save_load_round_trip_is_exact(tmp_path, kind):
-    model = build("deepnorm", kind, tie_word_embeddings=(kind == "dense"))
+    scheme = "pre" if kind == "dense" else "deepnorm"  # tied embeddings need a scheme that starts them small
+    model = build(scheme, kind, tie_word_embeddings=(kind == "dense"))
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is SpanNormForCausalLM
-    assert loaded.config.norm_scheme == "deepnorm"
+    assert loaded.config.norm_scheme == scheme
     for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
     x = ids()
@@ -350,6 +351,15 @@ INVALID = [
     ("head_dim", dict(head_dim=7)),
     ("first_k_dense_layers", dict(num_experts=4, first_k_dense_layers=9)),
     ("attention_dropout", dict(attention_dropout=1.5)),
+    ("attention_dropout", dict(attention_dropout="x")),
+    ("hidden_act", dict(hidden_act="nope")),
+    ("router_aux_loss_coef", dict(num_experts=4, router_aux_loss_coef="x")),
+    ("router_aux_loss_coef", dict(num_experts=4, router_aux_loss_coef=-0.1)),
+    ("moe_intermediate_size", dict(num_experts=4, moe_intermediate_size=0)),
+    *[
+        ("tie_word_embeddings", dict(norm_scheme=s, tie_word_embeddings=True))
+        for s in ("span", "post", "deepnorm", "peri")
+    ],
 ]
 
 
@@ -357,8 +367,50 @@ INVALID = [
 def test_invalid_config_raises_value_error_naming_the_field(field, kwargs):
     if field == "hidden_size":
         field = "num_attention_heads"  # the message names the field that fails to divide
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as raised:
         tiny_config(**kwargs)
+    value = kwargs.get(field, kwargs.get("hidden_size"))
+    assert "\n" not in str(raised.value) and repr(value) in str(raised.value)  # one line, naming the value
+
+
+def test_invalid_values_name_what_is_allowed():
+    with pytest.raises(ValueError, match=r"hidden_act='nope' is invalid: must be one of .*\bgelu\b.*\bsilu\b"):
+        tiny_config(hidden_act="nope")
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=False or norm_scheme 'pre'/'hybrid'"):
+        tiny_config(tie_word_embeddings=True)
+    for scheme in ("pre", "hybrid"):  # embeddings N(0, initializer_range): tying is fine
+        assert tiny_config(norm_scheme=scheme, tie_word_embeddings=True).tie_word_embeddings
+
+
+def test_unknown_keys_warn_with_the_closest_field(caplog, tmp_path):
+    with caplog.at_level("WARNING"):
+        config = tiny_config(num_hidden_layer=12)
+    assert "unknown key 'num_hidden_layer'" in caplog.text and "did you mean num_hidden_layers?" in caplog.text
+    assert config.num_hidden_layers == 3  # transformers keeps unknown keys; the model does not use them
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tiny_config(colour="blue")
+    assert "unknown key 'colour'" in caplog.text and "did you mean" not in caplog.text
+
+
+def test_configs_saved_by_transformers_load_without_unknown_key_warnings(caplog, tmp_path):
+    """Keys transformers writes or converts itself (legacy rope and dtype names, generation settings, special token
+    ids, bookkeeping) are not the user's typos."""
+    saved = {
+        **tiny_config().to_dict(),
+        "torch_dtype": "float32",
+        "rope_theta": 10000.0,
+        "max_length": 20,
+        "sep_token_id": 3,
+        "_name_or_path": "x",
+        "use_bfloat16": False,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with caplog.at_level("WARNING"):
+        SpanNormConfig.from_pretrained(tmp_path)
+        SpanNormForCausalLM(tiny_config()).save_pretrained(tmp_path / "model")
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert "unknown key" not in caplog.text
 
 
 def test_config_edited_after_construction_is_validated_when_the_model_is_built():
