@@ -30,10 +30,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation, use_kernelized_func
@@ -49,6 +47,7 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeTopKRouter
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -101,54 +100,16 @@ class SpanNormMLP(LlamaMLP):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
 
+# transformers finds the `experts_implementation` switch by reading this decorator in the model's own file.
 @use_experts_implementation
-class SpanNormExperts(nn.Module):
-    """All experts of one layer as fused 3D weights; `experts_implementation` picks the kernel."""
-
-    def __init__(self, config: SpanNormConfig):
-        super().__init__()
-        self.num_experts = config.num_experts
-        self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
-        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert_idx in expert_hit:
-            expert_idx = expert_idx[0]
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            current = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
-            current = current * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
-        return final_hidden_states
+class SpanNormExperts(Qwen3MoeExperts):
+    """Qwen3-MoE's experts: all experts of one layer as fused 3D weights `gate_up_proj [E, 2I, H]`, `down_proj
+    [E, H, I]`, called as `experts(hidden_states, top_k_index, top_k_weights)`; `experts_implementation` picks the
+    kernel. Reused, not copied, so the installed transformers' expert-parallel handling comes with it."""
 
 
-class SpanNormTopKRouter(nn.Module):
-    """Softmax router; returns (logits, top-k weights, top-k expert indices)."""
-
-    def __init__(self, config: SpanNormConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_experts
-        self.norm_topk_prob = config.norm_topk_prob
-        self.hidden_dim = config.hidden_size
-        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        router_logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
-        router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
-        top_value, top_index = torch.topk(router_probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
-        return router_logits, top_value.to(router_logits.dtype), top_index
+class SpanNormTopKRouter(Qwen3MoeTopKRouter):
+    """Qwen3-MoE's softmax router `weight [E, H]`; returns (logits, top-k weights, top-k expert indices)."""
 
 
 class SpanNormSparseMoeBlock(nn.Module):

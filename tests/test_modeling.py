@@ -213,6 +213,18 @@ def test_experts_implementations_agree():
         torch.testing.assert_close(results[impl][1], results["eager"][1], rtol=1e-4, atol=1e-6)
 
 
+def test_experts_skip_the_expert_parallel_sentinel():
+    """Under expert parallelism transformers routes a token's slot that belongs to another rank's experts to index
+    num_experts; the experts (Qwen3-MoE's, reused) skip it, as if its weight were 0."""
+    experts = build("span", "moe", experts_implementation="eager").model.layers[2].mlp.experts
+    hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([[0, 1], [2, 4], [4, 3], [1, 2], [3, 0]])  # 4 == num_experts: the sentinel
+    weights = torch.rand(5, 2, generator=torch.Generator().manual_seed(1))
+    kept = index != 4
+    with torch.no_grad():
+        torch.testing.assert_close(experts(hidden, index, weights), experts(hidden, index * kept, weights * kept))
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_gradient_checkpointing_gives_the_same_gradients(kind):
     model = build("span", kind).train()
