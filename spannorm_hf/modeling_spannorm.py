@@ -281,11 +281,8 @@ class SpanNormDecoderLayer(GradientCheckpointingLayer):
             attn, mlp = self.self_attn, self.mlp
             attn.q_proj.xavier_gain = attn.k_proj.xavier_gain = 1.0
             attn.v_proj.xavier_gain = attn.o_proj.xavier_gain = gain
-            branches = (
-                (mlp.experts,) if config.is_sparse_layer(layer_idx) else (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            )
-            for branch in branches:
-                branch.xavier_gain = gain
+            if not config.is_sparse_layer(layer_idx):  # experts are initialized by their type
+                mlp.gate_proj.xavier_gain = mlp.up_proj.xavier_gain = mlp.down_proj.xavier_gain = gain
 
     @accepts_past_key_values
     def forward(
@@ -329,16 +326,18 @@ class SpanNormPreTrainedModel(PreTrainedModel):
     }
 
     def _init_weights(self, module: nn.Module) -> None:
-        """N(0, initializer_range) by default; a scheme's own init is marked on the modules it concerns
-        (`xavier_gain`, `init_std`, set where the scheme is wired). `init.*` skips weights that
-        `from_pretrained` loaded, so a depth-scaled init never overwrites a checkpoint."""
+        """N(0, initializer_range) by default; the scheme's own init by module type: token embeddings N(0, 1) in
+        `UNIT_EMBEDDING_SCHEMES`, experts Xavier-normal with the branch gain; the attention and dense MLP Linears
+        carry their Xavier gain as `xavier_gain` (set where the layer is wired), because a Linear's role is not its
+        type and transformers skips `_init_weights` for parameter-less parents under remote code. `init.*` skips
+        weights that `from_pretrained` loaded, so a depth-scaled init never overwrites a checkpoint."""
         super()._init_weights(module)
         std = self.config.initializer_range
-        gain = getattr(module, "xavier_gain", None)
-        if isinstance(module, nn.Linear) and gain is not None:
-            init.xavier_normal_(module.weight, gain=gain)
-        elif isinstance(module, nn.Embedding) and hasattr(module, "init_std"):
-            init.normal_(module.weight, mean=0.0, std=module.init_std)
+        gain = self.config.branch_gain
+        if isinstance(module, nn.Linear) and hasattr(module, "xavier_gain"):
+            init.xavier_normal_(module.weight, gain=module.xavier_gain)
+        elif isinstance(module, nn.Embedding) and self.config.norm_scheme in UNIT_EMBEDDING_SCHEMES:
+            init.normal_(module.weight, mean=0.0, std=1.0)
             if module.padding_idx is not None:
                 init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, SpanNormExperts):
@@ -359,8 +358,6 @@ class SpanNormModel(SpanNormPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        if config.norm_scheme in UNIT_EMBEDDING_SCHEMES:  # post-style schemes start from N(0, 1) tokens
-            self.embed_tokens.init_std = 1.0
         self.layers = nn.ModuleList(
             [SpanNormDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
