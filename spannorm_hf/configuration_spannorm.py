@@ -247,8 +247,11 @@ class SpanNormConfig(PreTrainedConfig):
                 logger.warning(f"SpanNormConfig.{name}={value!r} is ignored: num_experts=0 builds a dense model")
 
     def __getattribute__(self, key: str):
-        if key in MOE_FIELDS and key not in super().__getattribute__("__dict__") and not self.num_experts:
-            raise AttributeError(f"{key!r} is a Mixture-of-Experts setting; this config is dense (num_experts=0)")
+        if key in MOE_FIELDS and key not in super().__getattribute__("__dict__"):
+            if not self.num_experts:
+                raise AttributeError(f"{key!r} is a Mixture-of-Experts setting; this config is dense (num_experts=0)")
+            if key == "moe_intermediate_size":  # a dense config made MoE afterwards: the derived default
+                return self.intermediate_size
         return super().__getattribute__(key)
 
     def validate_spannorm(self) -> None:

@@ -1,6 +1,7 @@
 """The exported folder through remote code, with the package hidden, in clients this project did not write: TRL's
 SFTTrainer on a dense model, every class in `auto_map`, and the oldest transformers the model files support."""
 
+import copy
 import json
 import os
 import subprocess
@@ -78,6 +79,14 @@ def test_dense_config_carries_no_moe_settings(tmp_path):
     moe = moe_config(router_aux_loss_coef=0.5)
     assert moe.router_aux_loss_coef == 0.5 and moe.num_experts_per_tok == 2 and moe.output_router_logits is False
     assert MOE_FIELDS <= set(moe.to_dict())
+
+
+def test_a_dense_config_made_moe_afterwards_has_the_moe_defaults():
+    dense = tiny_config()
+    for moe in (type(dense).from_dict(dense.to_dict(), num_experts=4), copy.deepcopy(dense)):
+        moe.num_experts = 4
+        assert moe.moe_intermediate_size == dense.intermediate_size and moe.num_experts_per_tok == 2
+        assert torch.isfinite(SpanNormForCausalLM(moe)(ids()).logits).all()
 
 
 def test_dense_config_saved_before_still_loads(tmp_path):
