@@ -12,7 +12,14 @@ import transformers
 
 # The oldest transformers the two model files run on (remote code runs on whatever transformers the user has).
 MIN_TRANSFORMERS_VERSION = "5.17.0"
-if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 17):
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+if _major_minor(transformers.__version__) < _major_minor(MIN_TRANSFORMERS_VERSION):
     raise ImportError(
         f"SpanNorm's model code needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers "
         f"{transformers.__version__} is installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
