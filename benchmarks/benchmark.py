@@ -514,30 +514,26 @@ def run_growth(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> list[s
 
 
 def run_compile(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """torch.compile'd training step, static-cache generate (eager and compiled), and the fused add+norm path."""
+    """torch.compile'd training step (which fuses each block's add+norm) and static-cache generate, eager and
+    compiled."""
     ids = _ids(sizes, sizes.batch, sizes.seq_len, device)
     models = {"span": build(spannorm_config(sizes), device, dtype), "llama": build(llama_config(sizes), device, dtype)}
-    fused = build(spannorm_config(sizes), device, dtype)
-    fused.set_add_norm_implementation("fused")
-    plain = build(spannorm_config(sizes), device, dtype)
-    plain.set_add_norm_implementation("plain")
     eager = [Contender(f"{k} eager", m) for k, m in models.items()]
     compiled = [Contender(f"{k} compiled", m, forward=torch.compile(m, dynamic=False)) for k, m in models.items()]
-    norms = [Contender("span plain add+norm", plain), Contender("span fused add+norm", fused)]
     start = time.perf_counter()
-    for c in compiled + norms:
+    for c in compiled:
         c.train_step(ids)  # compile here, outside the timed rounds
     compile_s = time.perf_counter() - start
-    train = interleaved(eager + compiled + norms, lambda c: c.train_step(ids), sizes.warmup, sizes.repeats)
+    train = interleaved(eager + compiled, lambda c: c.train_step(ids), sizes.warmup, sizes.repeats)
     lines = [
-        "## torch.compile and the fused add+norm (training step)",
+        "## torch.compile (training step)",
         "",
         f"(first calls, which compile, took {compile_s:.0f} s together and are not in the table)",
         "",
         "| contender | step | vs span eager | vs llama same mode |",
         "|---|---|---|---|",
     ]
-    for c in eager + compiled + norms:
+    for c in eager + compiled:
         med = statistics.median(train[c.name])
         mode = c.name.split(" ", 1)[1]
         peer = f"llama {mode}" if f"llama {mode}" in train else "llama eager"

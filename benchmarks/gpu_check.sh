@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for a lent H200 (issue 6): bf16 training steps of the 1B preset, SpanNorm (fused and plain add+norm)
+# GPU check for a lent H200 (issue 6): bf16 training steps of the 1B preset, SpanNorm
 # vs transformers' Llama at the same shapes, FlashAttention (flash-attn if importable, else SDPA's flash backend;
 # the output says which), MFU from counted FLOPs, peak memory, decode tokens/s, static-cache compiled generate.
 # It exits within 8 minutes (a hard `timeout` below; the Python side skips its optional part past 420 s).
@@ -11,7 +11,7 @@
 #                                                run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #                                              Results: stdout, and $OUT/gpu_check.md + $OUT/gpu_check.json.
 #   bash benchmarks/gpu_check.sh --dry-run        anywhere, on CPU: the same steps at the tiny preset (a few minutes on
-#                                              2 busy cores, most of it compiling the fused add+norm), so the script
+#                                              2 busy cores), so the script
 #                                              is known to work before a GPU is lent.
 #
 # Why wheels: the device image has its own torch 2.11 (fine: the project needs torch>=2.9) and transformers 5.17,

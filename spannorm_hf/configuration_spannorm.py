@@ -2,10 +2,35 @@
 """SpanNorm model configuration.
 
 This file is copied next to the weights by `save_pretrained`, so the Hub's remote-code loader can use it:
-it imports only transformers.
+it imports only transformers. It is also the first file a remote-code load runs, so it checks the version.
 """
 
-from transformers.configuration_utils import PreTrainedConfig
+import dataclasses
+import difflib
+
+import transformers
+
+# The oldest transformers the two model files run on (remote code runs on whatever transformers the user has).
+MIN_TRANSFORMERS_VERSION = "5.17.0"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+if _major_minor(transformers.__version__) < _major_minor(MIN_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"SpanNorm's model code needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers "
+        f"{transformers.__version__} is installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
+    )
+
+from transformers.activations import ACT2FN  # noqa: E402
+from transformers.configuration_utils import PreTrainedConfig  # noqa: E402
+from transformers.generation import GenerationConfig  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+logger = logging.get_logger(__name__)
 
 # The norm placements a config may name; the block equations live in `modeling_spannorm.NORM_SCHEMES`.
 NORM_SCHEME_NAMES = ("span", "pre", "post", "deepnorm", "peri", "hybrid")
@@ -18,6 +43,54 @@ SCALED_SCHEMES = ("span", "deepnorm")
 RESIDUAL_SCALE_RULES = {"auto": 0.25, "deepnet": 0.25, "depth_mup": 0.5, "completep": 1.0}
 # Named depth rules for the branch init gain, as the exponent beta of `b = (8 L) ** beta`; "auto" is "deepnet".
 BRANCH_INIT_GAIN_RULES = {"auto": -0.25, "deepnet": -0.25}
+# Schemes whose token embeddings start at N(0, 1) (post-style: the residual stream is normalized to unit scale), not
+# N(0, initializer_range). Tied to the LM head, such embeddings give logits of std ~sqrt(hidden_size) at init.
+UNIT_EMBEDDING_SCHEMES = ("span", "post", "deepnorm", "peri")
+# Settings only a Mixture-of-Experts model has. A dense config (num_experts=0) does not carry them, neither as
+# attributes nor in config.json, because clients decide "is this MoE?" by their presence: TRL turns its load-balancing
+# loss on when `output_router_logits` exists and `router_aux_loss_coef` is non-zero, and counts expert FLOPs when
+# `num_experts_per_tok` exists.
+MOE_FIELDS = frozenset(
+    (
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "router_aux_loss_coef",
+        "output_router_logits",
+        "first_k_dense_layers",
+    )
+)
+# Keys transformers itself reads or writes besides the dataclass fields (legacy names it converts, settings it moves
+# elsewhere, bookkeeping, old defaults): never reported as unknown. Generation settings are added from transformers.
+TRANSFORMERS_KEYS = frozenset(
+    (
+        "model_type",
+        "auto_map",
+        "torch_dtype",
+        "num_labels",
+        "name_or_path",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "per_layer_config",
+        "rope_scaling",
+        "rope_theta",
+        "partial_rotary_factor",
+        "use_return_dict",
+        "torchscript",
+        "pruned_heads",
+        "is_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "tie_encoder_decoder",
+        "tokenizer_class",
+        "finetuning_task",
+        "task_specific_params",
+        "prefix",
+        "use_bfloat16",
+        "tf_legacy_loss",
+    )
+)
 # Written into every saved config.json so the folder loads through any of these auto classes with
 # `trust_remote_code=True` (save_pretrained adds only the saving class's own entry).
 AUTO_MAP = {
@@ -68,7 +141,8 @@ class SpanNormConfig(PreTrainedConfig):
             defaults was kept over `residual_scale=1.0` by a pre-registered rule on the norm-scheme comparison
             (README, "Does SpanNorm work?"): neither wins in a majority of settings.
         num_experts (`int`, defaults to 0):
-            Routed experts per sparse layer; 0 builds a dense model.
+            Routed experts per sparse layer; 0 builds a dense model, whose config has none of the MoE settings below
+            (reading one raises `AttributeError`, as on a Llama config).
         num_experts_per_tok (`int`, defaults to 2):
             Top-k experts per token.
         moe_intermediate_size (`int`, *optional*):
@@ -91,7 +165,7 @@ class SpanNormConfig(PreTrainedConfig):
     """
 
     model_type = "spannorm"
-    keys_to_ignore_at_inference = ["cache"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # 5.24 and older names
 
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -150,10 +224,42 @@ class SpanNormConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        self._warn_unknown_keys(kwargs)
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         self.validate_spannorm()
+        if self.num_experts == 0:
+            self._drop_moe_fields()
+
+    def _warn_unknown_keys(self, kwargs: dict) -> None:
+        """Keys that are neither fields nor transformers' own are kept (transformers' rule) but used by nothing: say so,
+        naming the closest field, so that a typo such as `num_hidden_layer` does not silently build another model."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        known = TRANSFORMERS_KEYS | set(GenerationConfig._get_default_generation_params())
+        for key in kwargs:
+            if key in known or key.startswith("_") or key.endswith("_token_id"):
+                continue
+            closest = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {closest[0]}?" if closest else ""
+            logger.warning(f"SpanNormConfig: unknown key {key!r} is kept in the config but used by nothing{hint}")
+
+    def _drop_moe_fields(self) -> None:
+        """A dense config forgets its MoE settings (see `MOE_FIELDS`); one set to a non-default value was a mistake."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in MOE_FIELDS}
+        defaults["moe_intermediate_size"] = self.intermediate_size
+        for name in MOE_FIELDS:
+            value = self.__dict__.pop(name, defaults[name])
+            if value != defaults[name]:
+                logger.warning(f"SpanNormConfig.{name}={value!r} is ignored: num_experts=0 builds a dense model")
+
+    def __getattribute__(self, key: str):
+        if key in MOE_FIELDS and key not in super().__getattribute__("__dict__"):
+            if not self.num_experts:
+                raise AttributeError(f"{key!r} is a Mixture-of-Experts setting; this config is dense (num_experts=0)")
+            if key == "moe_intermediate_size":  # a dense config made MoE afterwards: the derived default
+                return self.intermediate_size
+        return super().__getattribute__(key)
 
     def validate_spannorm(self) -> None:
         """Raise `ValueError` naming the first impossible field, before any weight is allocated."""
@@ -170,15 +276,12 @@ class SpanNormConfig(PreTrainedConfig):
             "num_key_value_heads",
             "head_dim",
             "max_position_embeddings",
-            "moe_intermediate_size",
         ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(field, "must be a positive integer")
-        for field in ("num_experts", "first_k_dense_layers"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                fail(field, "must be a non-negative integer")
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 0:
+            fail("num_experts", "must be a non-negative integer")
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -187,14 +290,21 @@ class SpanNormConfig(PreTrainedConfig):
             fail("head_dim", "must be even for rotary embeddings")
         if self.norm_scheme not in NORM_SCHEME_NAMES:
             fail("norm_scheme", f"must be one of {NORM_SCHEME_NAMES}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            fail("hidden_act", f"must be one of transformers' activations: {', '.join(sorted(ACT2FN))}")
+        if self.tie_word_embeddings and self.norm_scheme in UNIT_EMBEDDING_SCHEMES:
+            fail(
+                "tie_word_embeddings",
+                f"norm_scheme={self.norm_scheme!r} starts its embeddings at N(0, 1), which as a tied LM head gives "
+                "logits of std ~sqrt(hidden_size) at init; set tie_word_embeddings=False or norm_scheme 'pre'/'hybrid'",
+            )
         for field in ("initializer_range", "rms_norm_eps"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 fail(field, "must be a positive number")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            fail("attention_dropout", "must be in [0, 1)")
-        if isinstance(self.router_aux_loss_coef, bool) or self.router_aux_loss_coef < 0:
-            fail("router_aux_loss_coef", "must be >= 0")
+        value = self.attention_dropout
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            fail("attention_dropout", "must be a number in [0, 1)")
         for field, rules in (("residual_scale", RESIDUAL_SCALE_RULES), ("branch_init_gain", BRANCH_INIT_GAIN_RULES)):
             value = getattr(self, field)
             if value == "auto" or (value is None and field == "branch_init_gain"):
@@ -208,10 +318,17 @@ class SpanNormConfig(PreTrainedConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 fail(field, f"must be a positive number or one of {tuple(rules)}")
         if self.num_experts > 0:
+            value = self.moe_intermediate_size
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail("moe_intermediate_size", "must be a positive integer")
             if not isinstance(self.num_experts_per_tok, int) or not 0 < self.num_experts_per_tok <= self.num_experts:
                 fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
-            if self.first_k_dense_layers > self.num_hidden_layers:
-                fail("first_k_dense_layers", f"must be <= num_hidden_layers={self.num_hidden_layers}")
+            value = self.first_k_dense_layers
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self.num_hidden_layers:
+                fail("first_k_dense_layers", f"must be an integer in [0, num_hidden_layers={self.num_hidden_layers}]")
+            value = self.router_aux_loss_coef
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                fail("router_aux_loss_coef", "must be a number >= 0")
 
     @property
     def skip_scale(self) -> float:

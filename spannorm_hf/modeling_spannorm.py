@@ -18,8 +18,11 @@ gain b = (8L)^(-1/4) (`branch_init_gain`) on the branch output weights. Both tak
 (e.g. a ~ sqrt(L) or a ~ L; see `SpanNormConfig`), resolved by the config's `skip_scale` and `branch_gain`.
 
 All block wiring lives in `NORM_SCHEMES` next to the decoder layer; attention, MLP and experts know nothing
-about the scheme. This file imports only torch, transformers and `configuration_spannorm`, so it can be
-shipped as Hub remote code.
+about the scheme, and every norm is a plain RMSNorm module called on a sum computed outside it, so a serving
+engine can swap the norms, the attention function and the experts for its own kernels. This file imports only
+torch, transformers and `configuration_spannorm`, so it can be shipped as Hub remote code; it runs on every
+transformers from `MIN_TRANSFORMERS_VERSION` (checked in `configuration_spannorm`) to the newest, through the
+small compatibility block below the imports.
 """
 
 import functools
@@ -27,17 +30,15 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation, use_kernelized_func
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
@@ -46,51 +47,44 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeTopKRouter
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, is_triton_available
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_spannorm import SpanNormConfig
+from .configuration_spannorm import UNIT_EMBEDDING_SCHEMES, SpanNormConfig
 
-ADD_NORM_IMPLEMENTATIONS = ("auto", "fused", "plain")
+# ---------------------------------------------------------------------------------------------------------
+# Compatibility with the transformers that runs this file. 5.17-5.23 call the KV cache `past_key_values` (the
+# keyword generate passes, the output field it reads back, create_causal_mask's argument); 5.24 renamed it `cache`.
+# The model says `cache` throughout and gives the cache the library's name at those three seams.
+# ---------------------------------------------------------------------------------------------------------
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+if CACHE_NAME == "cache":
+    accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+else:
+    _create_causal_mask = create_causal_mask
 
+    def create_causal_mask(*, cache: Cache | None, **kwargs):
+        return _create_causal_mask(past_key_values=cache, **kwargs)
 
-def add_rms_norm(a: float | torch.Tensor, x: torch.Tensor, f: torch.Tensor, weight: torch.Tensor, eps: float):
-    """N(a x + f) written as one function, so that `torch.compile` fuses the scaled add into the norm's pass."""
-    h = f + a * x
-    dtype = h.dtype
-    h = h.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    def accepts_past_key_values(forward: Callable) -> Callable:
+        """Take the library's `past_key_values` under the model's name `cache`, silently (it is not deprecated here)."""
 
+        @functools.wraps(forward)
+        def wrapper(*args, past_key_values: Cache | None = None, **kwargs):
+            if past_key_values is not None:
+                kwargs.setdefault("cache", past_key_values)
+            return forward(*args, **kwargs)
 
-@functools.cache
-def fused_add_rms_norm() -> Callable:
-    """`add_rms_norm` compiled once per process; `a` stays symbolic (one graph for every skip scale)."""
-    return torch.compile(add_rms_norm, dynamic=True)
+        return wrapper
 
 
 class SpanNormRMSNorm(LlamaRMSNorm):
-    """RMSNorm with a learnable gain, computed in fp32 (Llama's).
-
-    `add_norm(a, x, f)` is the post-style blocks' N(a x + f). Plain, it is one `torch.add` (the scale rides on
-    its `alpha`) and the norm's ops, each a pass over memory; "fused", `add_rms_norm` compiled by torch.compile
-    (Triton on GPU) reads x and f once and writes once, forward and backward. "auto" fuses on CUDA with Triton.
-    Inside a model that is itself being compiled the plain ops are traced (the outer compile fuses them anyway).
-    `SpanNormPreTrainedModel.set_add_norm_implementation` switches every norm of a model.
-    """
-
-    add_norm_implementation: str = "auto"
-
-    def add_norm(self, a: float | torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        fused = self.add_norm_implementation == "fused" or (
-            self.add_norm_implementation == "auto" and x.is_cuda and is_triton_available()
-        )
-        if fused and not torch.compiler.is_compiling():
-            return fused_add_rms_norm()(a, x, f, self.weight, self.variance_epsilon)
-        return self(torch.add(f, x, alpha=a) if isinstance(a, (int, float)) else f + a * x)
+    """RMSNorm with a learnable gain, computed in fp32 (Llama's), and nothing more: the blocks compute a sum outside
+    and call the norm on it, so a serving engine may swap every RMSNorm module for its own kernel."""
 
 
 def no_norm(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -106,54 +100,16 @@ class SpanNormMLP(LlamaMLP):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
 
+# transformers finds the `experts_implementation` switch by reading this decorator in the model's own file.
 @use_experts_implementation
-class SpanNormExperts(nn.Module):
-    """All experts of one layer as fused 3D weights; `experts_implementation` picks the kernel."""
-
-    def __init__(self, config: SpanNormConfig):
-        super().__init__()
-        self.num_experts = config.num_experts
-        self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
-        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert_idx in expert_hit:
-            expert_idx = expert_idx[0]
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            current = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
-            current = current * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
-        return final_hidden_states
+class SpanNormExperts(Qwen3MoeExperts):
+    """Qwen3-MoE's experts: all experts of one layer as fused 3D weights `gate_up_proj [E, 2I, H]`, `down_proj
+    [E, H, I]`, called as `experts(hidden_states, top_k_index, top_k_weights)`; `experts_implementation` picks the
+    kernel. Reused, not copied, so the installed transformers' expert-parallel handling comes with it."""
 
 
-class SpanNormTopKRouter(nn.Module):
-    """Softmax router; returns (logits, top-k weights, top-k expert indices)."""
-
-    def __init__(self, config: SpanNormConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_experts
-        self.norm_topk_prob = config.norm_topk_prob
-        self.hidden_dim = config.hidden_size
-        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        router_logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
-        router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
-        top_value, top_index = torch.topk(router_probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
-        return router_logits, top_value.to(router_logits.dtype), top_index
+class SpanNormTopKRouter(Qwen3MoeTopKRouter):
+    """Qwen3-MoE's softmax router `weight [E, H]`; returns (logits, top-k weights, top-k expert indices)."""
 
 
 class SpanNormSparseMoeBlock(nn.Module):
@@ -200,7 +156,7 @@ class SpanNormAttention(nn.Module):
         for name in ("q_norm", "k_norm", "v_norm"):
             setattr(self, name, SpanNormRMSNorm(self.head_dim, eps=config.rms_norm_eps) if name in norms else no_norm)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -241,16 +197,16 @@ class SpanNormAttention(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------
 # Norm schemes. Each block function is the scheme's equations as code: `x` is the block input, `attn` the
-# attention sublayer, `layer.mlp` the FFN (dense or MoE), `a` the skip scale; `N.add_norm(a, x, f)` is N(a x + f)
-# (fused on GPU). Norms a scheme does not list are `no_norm` in its layers, so state dicts carry no dead weights.
+# attention sublayer, `layer.mlp` the FFN (dense or MoE), `a` the skip scale. Norms are called on sums, never handed
+# the pieces. Norms a scheme does not list are `no_norm` in its layers, so state dicts carry no dead weights.
 # ---------------------------------------------------------------------------------------------------------
 
 
 def span_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
     """SpanNorm: y = N_attn(a x + Attn(u)), x' = N_ffn(a x + FFN(y)), u = N_in(x) in block 0 only."""
     a = layer.skip_scale
-    y = layer.post_attention_layernorm.add_norm(a, x, attn(layer.input_layernorm(x)))
-    return layer.post_feedforward_layernorm.add_norm(a, x, layer.mlp(y))
+    y = layer.post_attention_layernorm(a * x + attn(layer.input_layernorm(x)))
+    return layer.post_feedforward_layernorm(a * x + layer.mlp(y))
 
 
 def pre_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
@@ -262,8 +218,8 @@ def pre_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) ->
 def post_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
     """PostNorm (and DeepNorm with a != 1): h = N1(a x + Attn(x)), x' = N2(a h + FFN(h))."""
     a = layer.skip_scale
-    h = layer.post_attention_layernorm.add_norm(a, x, attn(x))
-    return layer.post_feedforward_layernorm.add_norm(a, h, layer.mlp(h))
+    h = layer.post_attention_layernorm(a * x + attn(x))
+    return layer.post_feedforward_layernorm(a * h + layer.mlp(h))
 
 
 def peri_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
@@ -293,18 +249,15 @@ class NormScheme(NamedTuple):
     first_block_norms: tuple[str, ...] = ()  # extra norms only layer 0 owns
     attn_norms: tuple[str, ...] = ()  # per-head norms inside attention
     final_norm: bool = False  # an RMSNorm before the LM head
-    unit_embeddings: bool = True  # token embeddings N(0, 1) instead of N(0, initializer_range)
 
 
 NORM_SCHEMES: dict[str, NormScheme] = {
     "span": NormScheme(span_block, (POST_ATTN, POST_FFN), first_block_norms=(IN,)),
-    "pre": NormScheme(pre_block, (IN, PRE_FFN), final_norm=True, unit_embeddings=False),
+    "pre": NormScheme(pre_block, (IN, PRE_FFN), final_norm=True),
     "post": NormScheme(post_block, (POST_ATTN, POST_FFN)),
     "deepnorm": NormScheme(post_block, (POST_ATTN, POST_FFN)),
     "peri": NormScheme(peri_block, (IN, POST_ATTN, PRE_FFN, POST_FFN), final_norm=True),
-    "hybrid": NormScheme(
-        hybrid_block, (PRE_FFN,), attn_norms=("q_norm", "k_norm", "v_norm"), final_norm=True, unit_embeddings=False
-    ),
+    "hybrid": NormScheme(hybrid_block, (PRE_FFN,), attn_norms=("q_norm", "k_norm", "v_norm"), final_norm=True),
 }
 
 
@@ -328,13 +281,10 @@ class SpanNormDecoderLayer(GradientCheckpointingLayer):
             attn, mlp = self.self_attn, self.mlp
             attn.q_proj.xavier_gain = attn.k_proj.xavier_gain = 1.0
             attn.v_proj.xavier_gain = attn.o_proj.xavier_gain = gain
-            branches = (
-                (mlp.experts,) if config.is_sparse_layer(layer_idx) else (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            )
-            for branch in branches:
-                branch.xavier_gain = gain
+            if not config.is_sparse_layer(layer_idx):  # experts are initialized by their type
+                mlp.gate_proj.xavier_gain = mlp.up_proj.xavier_gain = mlp.down_proj.xavier_gain = gain
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -375,25 +325,19 @@ class SpanNormPreTrainedModel(PreTrainedModel):
         "attentions": SpanNormAttention,
     }
 
-    def set_add_norm_implementation(self, implementation: str) -> None:
-        """Pick how every N(a x + f) of this model runs: "auto" (fused on CUDA), "fused" or "plain"."""
-        if implementation not in ADD_NORM_IMPLEMENTATIONS:
-            raise ValueError(f"add-norm implementation {implementation!r} is not one of {ADD_NORM_IMPLEMENTATIONS}")
-        for module in self.modules():
-            if isinstance(module, SpanNormRMSNorm):
-                module.add_norm_implementation = implementation
-
     def _init_weights(self, module: nn.Module) -> None:
-        """N(0, initializer_range) by default; a scheme's own init is marked on the modules it concerns
-        (`xavier_gain`, `init_std`, set where the scheme is wired). `init.*` skips weights that
-        `from_pretrained` loaded, so a depth-scaled init never overwrites a checkpoint."""
+        """N(0, initializer_range) by default; the scheme's own init by module type: token embeddings N(0, 1) in
+        `UNIT_EMBEDDING_SCHEMES`, experts Xavier-normal with the branch gain; the attention and dense MLP Linears
+        carry their Xavier gain as `xavier_gain` (set where the layer is wired), because a Linear's role is not its
+        type and transformers skips `_init_weights` for parameter-less parents under remote code. `init.*` skips
+        weights that `from_pretrained` loaded, so a depth-scaled init never overwrites a checkpoint."""
         super()._init_weights(module)
         std = self.config.initializer_range
-        gain = getattr(module, "xavier_gain", None)
-        if isinstance(module, nn.Linear) and gain is not None:
-            init.xavier_normal_(module.weight, gain=gain)
-        elif isinstance(module, nn.Embedding) and hasattr(module, "init_std"):
-            init.normal_(module.weight, mean=0.0, std=module.init_std)
+        gain = self.config.branch_gain
+        if isinstance(module, nn.Linear) and hasattr(module, "xavier_gain"):
+            init.xavier_normal_(module.weight, gain=module.xavier_gain)
+        elif isinstance(module, nn.Embedding) and self.config.norm_scheme in UNIT_EMBEDDING_SCHEMES:
+            init.normal_(module.weight, mean=0.0, std=1.0)
             if module.padding_idx is not None:
                 init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, SpanNormExperts):
@@ -414,8 +358,6 @@ class SpanNormModel(SpanNormPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        if NORM_SCHEMES[config.norm_scheme].unit_embeddings:  # post-style schemes start from N(0, 1) tokens
-            self.embed_tokens.init_std = 1.0
         self.layers = nn.ModuleList(
             [SpanNormDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
@@ -425,7 +367,7 @@ class SpanNormModel(SpanNormPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -475,7 +417,7 @@ class SpanNormModel(SpanNormPreTrainedModel):
             )
 
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
 
 class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
@@ -490,7 +432,7 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_past_key_values
     @can_return_tuple
     def forward(
         self,
@@ -512,7 +454,7 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
             Return router logits and add `router_aux_loss_coef * aux_loss` to the loss (MoE models).
         """
         if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits and self.config.num_experts > 0
+            output_router_logits = self.config.num_experts > 0 and self.config.output_router_logits
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -524,8 +466,8 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
 
         loss = None
         if labels is not None:
@@ -538,19 +480,30 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
             )
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        elif output_router_logits:  # no routed layer (a dense model): nothing to balance, and no router logits
+            aux_loss = logits.new_zeros(())
 
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=outputs.router_logits,
+            router_logits=outputs.router_logits or None,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 
-class SpanNormForSequenceClassification(GenericForSequenceClassification, SpanNormPreTrainedModel): ...
+class SpanNormForSequenceClassification(GenericForSequenceClassification, SpanNormPreTrainedModel):
+    """Scores the last non-padding token (transformers' generic head). The base model is built directly: the generic
+    head builds it through `AutoModel`, which, through remote code, stops to ask for `trust_remote_code`."""
+
+    def __init__(self, config: SpanNormConfig):
+        SpanNormPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = SpanNormModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
 
 
 __all__ = [

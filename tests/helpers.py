@@ -5,7 +5,9 @@ import functools
 import json
 import os
 import runpy
+import subprocess
 import sys
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -212,3 +214,64 @@ def finished_run_folder(path):
 def snapshot(folder) -> dict:
     """{relative path: bytes} of every file under `folder`."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# The first lines of every fresh-process script: the installed package is blocked, so only the folder's own code
+# (remote code) can load the model, as on a machine without spannorm-hf.
+PREAMBLE = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["spannorm_hf"] = None  # block the installed package: only the folder's code may load
+    try:
+        import spannorm_hf
+        raise SystemExit("spannorm_hf is importable")
+    except ImportError:
+        pass
+    import torch
+    torch.set_num_threads(1)
+    """
+)
+
+
+def run_without_package(
+    script: str, args: list[str], scratch: Path, pythonpath: str = "", timeout: int = 600
+) -> tuple[dict, str]:
+    """Run PREAMBLE + `script` in a fresh, offline Python where spannorm_hf cannot be imported (stdin closed, so
+    any interactive prompt fails; `pythonpath` may put another transformers first). Returns the JSON object it
+    printed last, and everything it wrote to stdout and stderr."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(scratch / "modules"),
+        "PYTHONPATH": pythonpath,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", PREAMBLE + textwrap.dedent(script), *args],
+        cwd=scratch,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout + result.stderr
+
+
+GENERATE_WITHOUT_PACKAGE = """
+from transformers import AutoModel, AutoModelForCausalLM
+path, prompt = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+base = AutoModel.from_pretrained(path, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert type(base).__name__ == "SpanNormModel"
+out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+print(json.dumps(out[0].tolist()))
+"""
+
+
+def generate_in_fresh_process(folder: Path, prompt: list[int], scratch: Path) -> list[int]:
+    """Greedy ids from `folder` loaded through remote code by a fresh Python without the package."""
+    return run_without_package(GENERATE_WITHOUT_PACKAGE, [str(folder), json.dumps(prompt)], scratch)[0]

@@ -21,6 +21,7 @@ from benchmark import (
 RATIO = r"\d+\.\d{3}x \(\d+\.\d{2}-\d+\.\d{2}\)"
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_the_ratio_tables(capsys, tmp_path):
     report = main(["--quick", "--sections", "ratios,growth", "--json", str(tmp_path / "bench.json")])
     out = capsys.readouterr().out

@@ -3,10 +3,6 @@
 run, and TRL's `SFTTrainer` / the plain `Trainer` loading the folder through remote code with the package hidden."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,50 +15,21 @@ from spannorm_hf.integrations.hub import TRAINING_DETAILS_FILE, build_hub_folder
 from spannorm_hf.training.tokenizer import EOS, IM_END, IM_START
 from spannorm_hf.training.trainer import parse_args, train
 
-from helpers import argv, clean_accelerate_state, make_train_files, run_script, save_tiny_checkpoint, tiny_tokenizer
+from helpers import (
+    argv,
+    clean_accelerate_state,
+    make_train_files,
+    run_script,
+    run_without_package,
+    save_tiny_checkpoint,
+    tiny_tokenizer,
+)
 
 MESSAGES = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "Which module handles paths?"},
     {"role": "assistant", "content": "os.path"},
 ]
-PREAMBLE = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["spannorm_hf"] = None  # block the installed package: only the folder's code may load
-    try:
-        import spannorm_hf
-        raise SystemExit("spannorm_hf is importable")
-    except ImportError:
-        pass
-    import torch
-    torch.set_num_threads(1)
-    """
-)
-
-
-def run_fresh(script: str, args: list[str], scratch: Path, timeout: int = 600) -> tuple[dict, str]:
-    """Run `script` (after PREAMBLE) in a fresh Python, offline, where spannorm_hf cannot be imported; the JSON
-    object it prints last, and everything it wrote to stdout and stderr."""
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(scratch / "modules"),
-        "PYTHONPATH": "",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", PREAMBLE + textwrap.dedent(script), *args],
-        cwd=scratch,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout + result.stderr
 
 
 def chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
@@ -148,7 +115,7 @@ def test_exported_folder_chats_through_the_pipeline_without_the_package(tmp_path
     new = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
     expected = tokenizer.decode(new, skip_special_tokens=True)
 
-    found, output = run_fresh(CHAT_PIPELINE, [str(folder), json.dumps(MESSAGES[:2])], tmp_path)
+    found, output = run_without_package(CHAT_PIPELINE, [str(folder), json.dumps(MESSAGES[:2])], tmp_path)
     assert found["reply"] == {"role": "assistant", "content": expected}
     assert found["max_length"] == 96 and found["template"] == tokenizer.chat_template
     assert found["tokenizer"] == "TokenizersBackend"  # a plain fast tokenizer: no tokenizer code runs
@@ -235,7 +202,7 @@ print(json.dumps(results))
 def test_trl_sft_trains_a_moe_folder_through_remote_code(tmp_path):
     folder = hub_folder(tmp_path, "moe")
     cases = {"text": ["text", False], "text+lora": ["text", True], "chat": ["chat", False], "chat+lora": ["chat", True]}
-    results, _ = run_fresh(SFT, [str(folder), json.dumps(cases)], tmp_path)
+    results, _ = run_without_package(SFT, [str(folder), json.dumps(cases)], tmp_path)
     _, tokenizer = load_checkpoint(folder)
     text = "The os module provides a portable way of using operating system dependent functionality."
     chat = [
@@ -295,7 +262,7 @@ print(json.dumps(results))
 @pytest.mark.slow  # two Trainer runs in a fresh Python (~35 s on a busy 2-core machine)
 def test_plain_trainer_trains_dense_and_moe_folders_through_remote_code(tmp_path):
     folders = [str(hub_folder(tmp_path, "dense")), str(hub_folder(tmp_path, "moe"))]
-    results, _ = run_fresh(TRAINER, folders, tmp_path)
+    results, _ = run_without_package(TRAINER, folders, tmp_path)
     for folder in folders:
         found = results[folder]
         assert found["steps"] == 3 and 0 < found["loss"] < 20, found

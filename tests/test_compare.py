@@ -15,6 +15,8 @@ from spannorm_hf.training.diagnostics import decoder_blocks
 
 import compare
 
+pytestmark = pytest.mark.slow  # the experiment harness: its module fixture trains a small grid
+
 COMPARE_DIR = Path(__file__).resolve().parents[1] / "experiments" / "norm_comparison"
 
 GRID = compare.Grid(

@@ -210,6 +210,7 @@ TINY = compare.Grid(
 )
 
 
+@pytest.mark.slow
 def test_report_on_a_partial_grid_marks_missing_cells(tmp_path):
     torch.set_num_threads(1)
     data = tmp_path / "corpus.txt"

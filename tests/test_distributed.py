@@ -26,7 +26,8 @@ from distributed_cpu import use_fsdp2_on_cpu
 from helpers import ROOT, argv, checkpoint_names, clean_accelerate_state, records
 
 # Runs train in this process: accelerate's singletons are reset around every test.
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+# Two real gloo processes per test; train runs in this process too, so accelerate's singletons are reset.
+pytestmark = [pytest.mark.usefixtures("fresh_accelerate_state"), pytest.mark.slow]
 
 METRICS = ("loss", "lr", "val_loss", "block_0/output_rms", "block_2/grad_norm", "block_1/cosine")
 

@@ -94,6 +94,7 @@ def choice_loglikelihood(model, tokenizer, context: str, continuation: str) -> f
     return sum(logprobs[i - 1, whole[i]].item() for i in range(n_context, len(whole)))
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_our_checkpoint_as_an_hf_client(checkpoint, loaded, monkeypatch, tmp_path):
     """lm-eval loads the folder itself (model="hf", pretrained=DIR, trust_remote_code=True) and scores a task
     defined in tests/lm_eval_tasks; its log-likelihoods and accuracy must equal ours."""

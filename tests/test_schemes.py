@@ -74,3 +74,9 @@ def test_block_output_equals_the_scheme_equations(scheme, kind):
     # Same weights and the same ops in the same order, except RMSNorm written by hand (fp32 rounding of rsqrt vs
     # pow/mean inside transformers' module): a few ulps per norm, far below any wiring mistake (order 1e-1).
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_are_the_embeddings_and_every_block_output():
+    model = SpanNormForCausalLM(tiny_config(num_hidden_layers=LAYERS)).eval()
+    out = model(torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    assert len(out.hidden_states) == LAYERS + 1  # like Llama

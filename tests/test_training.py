@@ -38,6 +38,7 @@ from helpers import (
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
+@pytest.mark.slow
 def test_training_logs_evaluates_diagnoses_checkpoints_and_exports(files, tmp_path):
     out = tmp_path / "run"
     result = train(parse_args(argv(files, out, keep_last=2, save_every=3)))
@@ -114,6 +115,7 @@ def _logged_steps(output: Path) -> int:
     return max((r["step"] for r in map(json.loads, lines) if "loss" in r), default=0)
 
 
+@pytest.mark.slow
 def test_sigint_then_sigkill_then_resume_repeat_the_uninterrupted_losses(files, tmp_path):
     """Reference: 12 uninterrupted steps. Interrupted: SIGINT early (checkpoint + clean exit), resume, SIGKILL just
     after the step-6 checkpoint, resume again to step 12. Every step's loss must be identical."""
@@ -236,7 +238,7 @@ def _bad_input(files: Path, tmp_path: Path, case: str) -> tuple[list[str], str]:
     if case == "unknown activation":
         config = json.loads((files / "dense.json").read_text())
         (tmp_path / "bad.json").write_text(json.dumps({**config, "hidden_act": "nope"}))
-        return argv(files, out, config=str(tmp_path / "bad.json"), tokenizer=None), "hidden_act 'nope' is not an"
+        return argv(files, out, config=str(tmp_path / "bad.json"), tokenizer=None), "hidden_act='nope' is invalid"
     if case == "bad option":
         return argv(files, out, batch_size=0), "--batch-size must be >= 1, got 0"
     if case == "no flash-attn":

@@ -370,7 +370,8 @@ class Trainer:
 
     def _forward_backward(self, batches: list[dict], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward of every micro-batch (gradients synchronised on the last); the summed LM and aux losses."""
-        args, accelerator, coef = self.args, self.accelerator, self.config.router_aux_loss_coef
+        args, accelerator = self.args, self.accelerator
+        coef = self.config.router_aux_loss_coef if self.moe else 0.0  # dense configs have no MoE settings
         lm_sum = torch.zeros((), device=accelerator.device)
         aux_sum = torch.zeros((), device=accelerator.device)
         for m, batch in enumerate(batches):
