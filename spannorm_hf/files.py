@@ -158,6 +158,20 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, flag: str, overwrite
     )
 
 
+def check_output_file(path: str | os.PathLike, *, flag: str, overwrite: bool = False) -> Path:
+    """Refuse (OutputDirError) an output file that already exists, unless `overwrite`: a file the user names as
+    output may be anything of theirs. Writes nothing: call it before any work."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputDirError(f"{flag} {str(path)!r} is a folder: name a file")
+    if path.exists() and not overwrite:
+        raise OutputDirError(
+            f"{flag} {str(path)!r} already exists: refusing to replace it; choose a new file name, or pass "
+            "--overwrite to replace it"
+        )
+    return path
+
+
 def claim_output_dir(path: str | os.PathLike, kind: str, *, flag: str, overwrite: bool = False) -> Path:
     """`check_output_dir`, then create the folder and mark it as `kind` (keeping the file list of an earlier
     output of the same kind). Returns the folder."""

@@ -84,6 +84,21 @@ def test_evaluate_script_writes_perplexity(checkpoint, loaded, tmp_path, monkeyp
     assert run_script("evaluate_model.py", ["--model", str(tmp_path), "--text", str(out)], monkeypatch) == 2
 
 
+def test_evaluate_never_replaces_a_file_it_was_not_told_to(checkpoint, tmp_path, monkeypatch, capsys):
+    """An existing --output file is refused before any work (it may be anything of the user's); --overwrite
+    replaces it."""
+    (tmp_path / "held_out.txt").write_text(TEXT)
+    mine = tmp_path / "notes.json"
+    mine.write_text("my own notes")
+    argv = ["--model", str(checkpoint), "--text", str(tmp_path / "held_out.txt"), "--device", "cpu"]
+    capsys.readouterr()
+    assert run_script("evaluate_model.py", [*argv, "--output", str(mine)], monkeypatch) == 2
+    assert_one_error_line(capsys.readouterr().err, str(mine), "already exists", "--overwrite")
+    assert mine.read_text() == "my own notes"
+    assert run_script("evaluate_model.py", [*argv, "--output", str(mine), "--overwrite"], monkeypatch) == 0
+    assert "perplexity" in json.loads(mine.read_text())
+
+
 def choice_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     """log p(continuation | context), tokenized the way lm-eval's HFLM does (whole string, context prefix cut)."""
     whole = tokenizer(context + continuation)["input_ids"]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cli import ArgumentParser, InputError, command
-from ..files import atomic_write_text
+from ..files import atomic_write_text, check_output_file
 from .adapters import adapter_base, is_adapter_folder, load_adapter
 from .generation import load_model
 from .hub import read_checkpoint_config
@@ -195,6 +195,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--batch-size", default="1")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--output", help="write the results as JSON here (publish.py --eval-results reads it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return p
 
 
@@ -204,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.text and not args.tasks:
         raise InputError("nothing to do: give --text (perplexity) and/or --tasks (lm-eval)")
+    if args.output:
+        check_output_file(args.output, flag="--output", overwrite=args.overwrite)  # before any work
     report: dict[str, Any] = {"model": str(args.model)}
     if args.text:
         model, tokenizer = load_model(args.model, device=args.device)
