@@ -23,11 +23,13 @@ from datasets import Dataset, load_dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     DataCollatorForSeq2Seq,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import TrainOutput
 
 from ..cli import ArgumentParser, InputError, command
 from ..files import atomic_output_dir, check_output_dir
@@ -214,6 +216,47 @@ class FinetuneResult:
     examples: int
 
 
+def _train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    grad_accum: int,
+    learning_rate: float,
+    epochs: float,
+    max_steps: int,
+    logging_steps: int,
+    seed: int,
+    gradient_checkpointing: bool,
+) -> TrainOutput:
+    """transformers' Trainer over the encoded examples: cosine schedule, 3% warm-up, no checkpoints of its own
+    (the adapter is saved by the caller, atomically)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum,
+            learning_rate=learning_rate,
+            num_train_epochs=epochs,
+            max_steps=max_steps,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.03,
+            logging_steps=logging_steps,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            activation_checkpointing=gradient_checkpointing,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        output = trainer.train()
+    return output
+
+
 def finetune_lora(
     base: str | os.PathLike,
     data: str | os.PathLike,
@@ -261,28 +304,19 @@ def finetune_lora(
     model.peft_config["default"].base_model_name_or_path = _base_reference(base)
     if gradient_checkpointing:
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
-    with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=grad_accum,
-            learning_rate=learning_rate,
-            num_train_epochs=epochs,
-            max_steps=max_steps,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.03,
-            logging_steps=logging_steps,
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            activation_checkpointing=gradient_checkpointing,
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-        )
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
-        output = trainer.train()
+    output = _train(
+        model,
+        tokenizer,
+        dataset,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps=max_steps,
+        logging_steps=logging_steps,
+        seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     model.eval()
     modules = settings.target_modules
     details = {
