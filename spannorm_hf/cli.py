@@ -47,9 +47,6 @@ class ArgumentParser(HfArgumentParser):
     """The parser of every spannorm CLI: dataclass fields (HfArgumentParser) or `add_argument` calls, both long
     spellings of every option, finite floats, and `InputError` instead of argparse's usage-and-exit on bad input."""
 
-    def __init__(self, dataclass_types: Any = None, **kwargs: Any):
-        super().__init__(dataclass_types, **kwargs)
-
     def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
         if kwargs.get("type") is float:
             kwargs["type"] = finite_float
