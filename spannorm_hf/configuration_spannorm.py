@@ -139,7 +139,7 @@ class SpanNormConfig(PreTrainedConfig):
             DeepNet's `(8 L) ** (-1 / 4)` (0.3799 at L=6, 0.2259 at L=48); `"auto"` is `"deepnet"`. `None` keeps the
             plain `N(0, initializer_range)` init. Other schemes accept only `"auto"`. The pair of
             defaults was kept over `residual_scale=1.0` by a pre-registered rule on the norm-scheme comparison
-            (README, "Does SpanNorm work?"): neither wins in a majority of settings.
+            (experiments/norm_comparison/README.md): neither wins in a majority of settings.
         num_experts (`int`, defaults to 0):
             Routed experts per sparse layer; 0 builds a dense model, whose config has none of the MoE settings below
             (reading one raises `AttributeError`, as on a Llama config).
