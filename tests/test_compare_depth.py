@@ -38,17 +38,23 @@ def test_depth_grid_plan():
     assert {(s.layers, s.experts) for s in runs} == {(6, 0), (12, 0), (24, 0), (48, 0), (12, 4)}
     for arm in {s.arm for s in runs}:  # every arm is built through public config fields only
         assert not compare.ARMS[arm].learnable_skip and compare.ARMS[arm].block is None
-    # Priority order: the cells that decide the default come first, on both seeds, then L=48 and MoE, then the
-    # edge learning rates, and the third seed last.
+    # Priority order: the cells that decide the default come first, on both seeds; then the edge learning rates seed 0
+    # showed they need (up for the depth-muP/CompleteP rules, down for PreNorm/Peri-LN); then their third seed; then
+    # L=48 and MoE, then the remaining edges.
     first = runs[:90]
     assert {(s.layers, s.experts) for s in first} == {(6, 0), (12, 0), (24, 0)}
     assert {s.lr for s in first} == set(compare.DEPTH_LRS) and {s.seed for s in first} == {0, 1}
     assert [s.seed for s in first] == sorted(s.seed for s in first)  # seed-major within the section
-    assert {(s.layers, s.experts) for s in runs[90:150]} == {(48, 0), (12, 4)}
-    assert {s.lr for s in runs[150:-27]} == set(compare.DEPTH_EDGE_LRS)
-    third = runs[-27:]
+    edges = runs[90:110]
+    assert {(s.arm, s.lr) for s in edges} == {(a, 1.6e-2) for a in ("span-mup", "span-completep")} | {
+        (a, 1e-3) for a in ("pre", "peri")
+    }
+    third = runs[110:143]
     assert {s.seed for s in third} == {2} and {s.arm for s in third} == set(compare.DEPTH_RULE_ARMS)
-    assert all(s.seed < 2 for s in runs[:-27])
+    assert {(s.layers, s.experts) for s in third} == {(6, 0), (12, 0), (24, 0)}
+    assert all(s.seed < 2 for s in runs[:110] + runs[143:])
+    assert {(s.layers, s.experts) for s in runs[143:203]} == {(48, 0), (12, 4)}
+    assert {s.lr for s in runs[203:]} == set(compare.DEPTH_EDGE_LRS)
 
 
 def test_old_grids_keep_seed_major_order():

@@ -209,21 +209,26 @@ VERDICT_SEEDS = (0, 1, 2)
 # default), (2L)^(1/2) (depth-muP) and 2L (CompleteP), all three with DeepNet's b, so they differ in one field.
 # Sections in priority order (`order="section"`): each finishes on every seed before the next starts.
 #   1. what decides the default: every arm at L = 6, 12, 24 at the three central learning rates, seeds 0, 1;
-#   2. L = 48 and MoE L = 12, same learning rates, seeds 0, 1;
-#   3. the edge learning rates 1e-3 and 1.6e-2 everywhere, seeds 0, 1 (a later session may prune this to the arms
-#      and depths whose best sits at an edge, or extend it where the best sits at 1e-3 or 1.6e-2);
-#   4. a third seed at the cells that decide the default (the SpanNorm rules at L = 6, 12, 24).
+#   2. the edges that seed 0 of section 1 showed are needed (reordered 2026-12-01, after 52 runs; the order changes
+#      which runs come first, not what a run is): 1.6e-2 for depth-muP and CompleteP, whose best sat at 8e-3 at
+#      every verdict depth, and 1e-3 for PreNorm and Peri-LN, whose best sat at 2e-3 at L = 12 and 24;
+#   3. a third seed at the cells that decide the default (the SpanNorm rules at L = 6, 12, 24, edges included);
+#   4. L = 48 and MoE L = 12, same learning rates, seeds 0, 1;
+#   5. the remaining edge learning rates everywhere, seeds 0, 1.
 # Cost, measured 2026-12-01 (CPU seconds of one 200-step run on one thread, from 20- and 40-step runs, so jobs sharing
 # the cores do not count): L=6 48 s, L=12 105 s, L=24 218 s, L=48 350-430 s (noisy; ~linear in L), MoE L=12 138 s.
-# The six Section entries below: 90 runs 3.1 h, 30 runs 3.6 h, 30 runs 1.2 h, 80 runs 4.5 h, 20 runs 0.8 h,
-# 27 runs 0.9 h: 277 runs, about 14 h on one idle core. On the shared 2-core VM the wall time was 2-6x the CPU time.
+# Sections 1-3: 143 runs, about 5 h on one idle core; all: 283 runs, about 14 h. On the shared 2-core VM the wall
+# time was 2-6x the CPU time.
 DEPTH_SECTIONS = (
     Section(DEPTH_ARMS, VERDICT_DEPTHS, DEPTH_LRS, seeds=(0, 1)),
+    Section(("span-mup", "span-completep"), VERDICT_DEPTHS, (1.6e-2,), seeds=(0, 1)),
+    Section(("pre", "peri"), (12, 24), (1e-3,), seeds=(0, 1)),
+    Section(DEPTH_RULE_ARMS, VERDICT_DEPTHS, DEPTH_LRS, seeds=(2,)),
+    Section(("span-mup", "span-completep"), VERDICT_DEPTHS, (1.6e-2,), seeds=(2,)),
     Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(0, 1)),
     Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(0, 1)),
     Section(DEPTH_ARMS, VERDICT_DEPTHS + (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),
     Section(DEPTH_ARMS, (12,), DEPTH_EDGE_LRS, experts=4, seeds=(0, 1)),
-    Section(DEPTH_RULE_ARMS, VERDICT_DEPTHS, DEPTH_LRS, seeds=(2,)),
 )
 
 # The full grid, in seed-major order: the L=12 LR sweep of every scheme, SpanNorm's scaling candidates, L=6 dense and
