@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation, use_kernelized_func
@@ -40,7 +41,6 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
-    LlamaMLP,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
@@ -96,8 +96,28 @@ class SpanNormRotaryEmbedding(LlamaRotaryEmbedding):
     """Llama's rotary embedding; its buffers are rebuilt by `_init_weights` after `from_pretrained`."""
 
 
-class SpanNormMLP(LlamaMLP):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+class SpanNormLinear(nn.Linear):
+    """A Linear inside a block. In `span`/`deepnorm` blocks it starts Xavier-normal (DeepNet's init): gain 1 for the
+    query and key projections, which this type marks; `_init_weights` picks the init by type."""
+
+
+class SpanNormBranchLinear(SpanNormLinear):
+    """A Linear whose output flows into the residual sum (value, attention output, MLP): Xavier-normal with the
+    config's branch gain `b` in `span`/`deepnorm` blocks."""
+
+
+class SpanNormMLP(nn.Module):
+    """SwiGLU MLP, down(act(gate(x)) * up(x)), as Llama's, with its projections typed for the init."""
+
+    def __init__(self, config: SpanNormConfig):
+        super().__init__()
+        self.gate_proj = SpanNormBranchLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = SpanNormBranchLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = SpanNormBranchLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 # transformers finds the `experts_implementation` switch by reading this decorator in the model's own file.
@@ -141,18 +161,11 @@ class SpanNormAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
 
-        self.q_proj = nn.Linear(
-            config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
-        )
-        self.k_proj = nn.Linear(
-            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
-        )
-        self.v_proj = nn.Linear(
-            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
-        )
-        self.o_proj = nn.Linear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
-        )
+        heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
+        self.q_proj = SpanNormLinear(config.hidden_size, heads * self.head_dim, bias=bias)
+        self.k_proj = SpanNormLinear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = SpanNormBranchLinear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = SpanNormBranchLinear(heads * self.head_dim, config.hidden_size, bias=bias)
         for name in ("q_norm", "k_norm", "v_norm"):
             setattr(self, name, SpanNormRMSNorm(self.head_dim, eps=config.rms_norm_eps) if name in norms else no_norm)
 
@@ -277,12 +290,6 @@ class SpanNormDecoderLayer(GradientCheckpointingLayer):
         for name in BLOCK_NORMS:
             norm = SpanNormRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if name in owned else no_norm
             setattr(self, name, norm)
-        if (gain := config.branch_gain) is not None:  # DeepNet init of span/deepnorm, applied by `_init_weights`
-            attn, mlp = self.self_attn, self.mlp
-            attn.q_proj.xavier_gain = attn.k_proj.xavier_gain = 1.0
-            attn.v_proj.xavier_gain = attn.o_proj.xavier_gain = gain
-            if not config.is_sparse_layer(layer_idx):  # experts are initialized by their type
-                mlp.gate_proj.xavier_gain = mlp.up_proj.xavier_gain = mlp.down_proj.xavier_gain = gain
 
     @accepts_past_key_values
     def forward(
@@ -327,15 +334,15 @@ class SpanNormPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, initializer_range) by default; the scheme's own init by module type: token embeddings N(0, 1) in
-        `UNIT_EMBEDDING_SCHEMES`, experts Xavier-normal with the branch gain; the attention and dense MLP Linears
-        carry their Xavier gain as `xavier_gain` (set where the layer is wired), because a Linear's role is not its
-        type and transformers skips `_init_weights` for parameter-less parents under remote code. `init.*` skips
-        weights that `from_pretrained` loaded, so a depth-scaled init never overwrites a checkpoint."""
+        `UNIT_EMBEDDING_SCHEMES`; with a branch gain `b` (span/deepnorm), block Linears and experts Xavier-normal,
+        gain `b` on the branch outputs and 1 on queries and keys. Leaves only: transformers skips `_init_weights` for
+        parameter-less parents under remote code. `init.*` skips weights that `from_pretrained` loaded, so a
+        depth-scaled init never overwrites a checkpoint."""
         super()._init_weights(module)
         std = self.config.initializer_range
         gain = self.config.branch_gain
-        if isinstance(module, nn.Linear) and hasattr(module, "xavier_gain"):
-            init.xavier_normal_(module.weight, gain=module.xavier_gain)
+        if isinstance(module, SpanNormLinear) and gain is not None:
+            init.xavier_normal_(module.weight, gain=gain if isinstance(module, SpanNormBranchLinear) else 1.0)
         elif isinstance(module, nn.Embedding) and self.config.norm_scheme in UNIT_EMBEDDING_SCHEMES:
             init.normal_(module.weight, mean=0.0, std=1.0)
             if module.padding_idx is not None:

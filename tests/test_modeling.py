@@ -83,6 +83,8 @@ def test_scheme_init_gains_and_embeddings():
     b = (8 * 2) ** -0.25
     v = span.model.layers[0].self_attn.v_proj.weight
     assert v.std().item() == pytest.approx(b * math.sqrt(2 / (256 + 256)), rel=0.05)
+    q = span.model.layers[0].self_attn.q_proj.weight  # queries and keys: Xavier with gain 1
+    assert q.std().item() == pytest.approx(math.sqrt(2 / (256 + 256)), rel=0.05)
     down = span.model.layers[1].mlp.down_proj.weight
     assert down.std().item() == pytest.approx(b * math.sqrt(2 / (512 + 256)), rel=0.05)
     assert span.model.embed_tokens.weight[1:].std().item() == pytest.approx(1.0, rel=0.05)
