@@ -6,7 +6,8 @@ and their `scripts/*.py` wrappers):
   option answers to both spellings (`--max-new-tokens` and `--max_new_tokens`), `--help` shows the defaults, and
   a float option must be a finite number (`--lr nan` is refused by name);
 - bad input is an `InputError` (or a missing / misplaced path: `FileNotFoundError`, `NotADirectoryError`,
-  `IsADirectoryError`, `FileExistsError`, `PermissionError`; or a full disk, `DiskFullError`), reported by
+  `IsADirectoryError`, `FileExistsError`, `PermissionError`; a config field that fails its validation,
+  `StrictDataclassError`, as transformers raises for every config; or a full disk, `DiskFullError`), reported by
   `command` as one line `error: <what, which value, how to fix>` on stderr, exit code 2, no traceback. Anything
   else is a bug and keeps its traceback.
 """
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser
 
 from .files import DiskFullError
@@ -81,7 +83,7 @@ def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
     def run(argv: Sequence[str] | None = None) -> int:
         try:
             return main(argv)
-        except (InputError, DiskFullError, *PATH_ERRORS) as error:
+        except (InputError, DiskFullError, StrictDataclassError, *PATH_ERRORS) as error:
             print(f"error: {one_line(error)}", file=sys.stderr)
             return USAGE_ERROR
 

@@ -7,6 +7,7 @@ it imports only transformers. It is also the first file a remote-code load runs,
 
 import dataclasses
 import difflib
+from typing import Literal, get_args
 
 import transformers
 
@@ -25,15 +26,18 @@ if _major_minor(transformers.__version__) < _major_minor(MIN_TRANSFORMERS_VERSIO
         f"{transformers.__version__} is installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
     )
 
-from transformers.activations import ACT2FN  # noqa: E402
+# huggingface_hub is transformers' own dependency; its `strict` dataclasses are how transformers validates configs.
+from huggingface_hub.dataclasses import as_validated_field, strict  # noqa: E402
 from transformers.configuration_utils import PreTrainedConfig  # noqa: E402
 from transformers.generation import GenerationConfig  # noqa: E402
 from transformers.utils import logging  # noqa: E402
+from transformers.utils.type_validators import activation_fn_key  # noqa: E402
 
 logger = logging.get_logger(__name__)
 
 # The norm placements a config may name; the block equations live in `modeling_spannorm.NORM_SCHEMES`.
-NORM_SCHEME_NAMES = ("span", "pre", "post", "deepnorm", "peri", "hybrid")
+NormSchemeName = Literal["span", "pre", "post", "deepnorm", "peri", "hybrid"]
+NORM_SCHEME_NAMES = get_args(NormSchemeName)
 # Schemes whose block has the DeepNet-style skip scale `a` and branch init gain `b`.
 SCALED_SCHEMES = ("span", "deepnorm")
 # Named depth rules for the skip scale, as the exponent alpha of `a = (2 L) ** alpha` (L = num_hidden_layers; 2L
@@ -101,6 +105,46 @@ AUTO_MAP = {
 }
 
 
+# Field validators (`@strict` runs them on construction and on every assignment; the field's type is checked too).
+
+
+@as_validated_field
+def positive(value: int | float | None) -> None:
+    """> 0; `None` where `__post_init__` derives the value."""
+    if value is not None and not value > 0:
+        raise ValueError(f"must be positive, got {value!r}")
+
+
+@as_validated_field
+def non_negative(value: int | float) -> None:
+    if not value >= 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
+
+
+@as_validated_field
+def dropout_probability(value: int | float) -> None:
+    if not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value!r}")
+
+
+def depth_rule(rules: dict[str, float], allow_none: bool = False):
+    """A validated field taking a positive number or the name of one of `rules` (or `None` where `allow_none`)."""
+
+    @as_validated_field
+    def check(value: float | int | str | None) -> None:
+        if value is None and allow_none or value in rules:
+            return
+        if isinstance(value, str) or value is None or not value > 0:
+            raise ValueError(f"must be a positive number or one of {tuple(rules)}, got {value!r}")
+
+    return check
+
+
+def invalid(config: "SpanNormConfig", field: str, why: str) -> ValueError:
+    return ValueError(f"SpanNormConfig.{field}={getattr(config, field)!r} is invalid: {why}")
+
+
+@strict
 class SpanNormConfig(PreTrainedConfig):
     r"""
     Configuration of a SpanNorm decoder-only transformer (Llama-class attention and SwiGLU MLP, optional
@@ -185,42 +229,42 @@ class SpanNormConfig(PreTrainedConfig):
         "norm": (["hidden_states"], ["hidden_states"]),
     }
 
-    vocab_size: int = 32000
-    hidden_size: int = 768
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
+    vocab_size: int = positive(default=32000)
+    hidden_size: int = positive(default=768)
+    intermediate_size: int = positive(default=2048)
+    num_hidden_layers: int = positive(default=12)
+    num_attention_heads: int = positive(default=12)
+    num_key_value_heads: int | None = positive(default=None)
+    head_dim: int | None = positive(default=None)
+    hidden_act: str = activation_fn_key(default="silu")
+    max_position_embeddings: int = positive(default=2048)
+    initializer_range: float = positive(default=0.02)
+    rms_norm_eps: float = positive(default=1e-6)
     use_cache: bool = True
     rope_parameters: dict | None = None
     attention_bias: bool = False
-    attention_dropout: float | int = 0.0
+    attention_dropout: float | int = dropout_probability(default=0.0)
     mlp_bias: bool = False
     qk_norm: bool = False
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
-    norm_scheme: str = "span"
-    residual_scale: float | int | str = "auto"
-    branch_init_gain: float | int | str | None = "auto"
-    num_experts: int = 0
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int | None = None
+    norm_scheme: NormSchemeName = "span"
+    residual_scale: float | int | str = depth_rule(RESIDUAL_SCALE_RULES)(default="auto")
+    branch_init_gain: float | int | str | None = depth_rule(BRANCH_INIT_GAIN_RULES, allow_none=True)(default="auto")
+    num_experts: int = non_negative(default=0)
+    num_experts_per_tok: int = positive(default=2)
+    moe_intermediate_size: int | None = positive(default=None)
     norm_topk_prob: bool = True
-    router_aux_loss_coef: float | int = 0.001
+    router_aux_loss_coef: float | int = non_negative(default=0.001)
     output_router_logits: bool = False
-    first_k_dense_layers: int = 0
+    first_k_dense_layers: int = non_negative(default=0)
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+        if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
@@ -228,7 +272,6 @@ class SpanNormConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
-        self.validate_spannorm()
         if self.num_experts == 0:
             self._drop_moe_fields()
 
@@ -261,74 +304,38 @@ class SpanNormConfig(PreTrainedConfig):
                 return self.intermediate_size
         return super().__getattribute__(key)
 
-    def validate_spannorm(self) -> None:
-        """Raise `ValueError` naming the first impossible field, before any weight is allocated."""
+    # Cross-field rules: `@strict` runs every `validate_*` method after construction, transformers again at
+    # `save_pretrained`, and the model when it is built (attribute edits run only the field validators).
 
-        def fail(field: str, why: str) -> None:
-            raise ValueError(f"SpanNormConfig.{field}={getattr(self, field)!r} is invalid: {why}")
-
-        for field in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(field, "must be a positive integer")
-        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 0:
-            fail("num_experts", "must be a non-negative integer")
+    def validate_attention_shape(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
+            raise invalid(self, "num_attention_heads", f"must divide hidden_size={self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
-            fail("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+            raise invalid(self, "num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
         if self.head_dim % 2:
-            fail("head_dim", "must be even for rotary embeddings")
-        if self.norm_scheme not in NORM_SCHEME_NAMES:
-            fail("norm_scheme", f"must be one of {NORM_SCHEME_NAMES}")
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
-            fail("hidden_act", f"must be one of transformers' activations: {', '.join(sorted(ACT2FN))}")
+            raise invalid(self, "head_dim", "must be even for rotary embeddings")
+
+    def validate_norm_scheme(self) -> None:
         if self.tie_word_embeddings and self.norm_scheme in UNIT_EMBEDDING_SCHEMES:
-            fail(
+            raise invalid(
+                self,
                 "tie_word_embeddings",
                 f"norm_scheme={self.norm_scheme!r} starts its embeddings at N(0, 1), which as a tied LM head gives "
                 "logits of std ~sqrt(hidden_size) at init; set tie_word_embeddings=False or norm_scheme 'pre'/'hybrid'",
             )
-        for field in ("initializer_range", "rms_norm_eps"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                fail(field, "must be a positive number")
-        value = self.attention_dropout
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            fail("attention_dropout", "must be a number in [0, 1)")
-        for field, rules in (("residual_scale", RESIDUAL_SCALE_RULES), ("branch_init_gain", BRANCH_INIT_GAIN_RULES)):
-            value = getattr(self, field)
-            if value == "auto" or (value is None and field == "branch_init_gain"):
-                continue
-            if isinstance(value, str) and value not in rules:
-                fail(field, f"unknown rule name; must be a positive number or one of {tuple(rules)}")
-            if self.norm_scheme not in SCALED_SCHEMES:
-                fail(field, f"only the {SCALED_SCHEMES} schemes use it; norm_scheme={self.norm_scheme!r} takes 'auto'")
-            if isinstance(value, str):
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                fail(field, f"must be a positive number or one of {tuple(rules)}")
-        if self.num_experts > 0:
-            value = self.moe_intermediate_size
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail("moe_intermediate_size", "must be a positive integer")
-            if not isinstance(self.num_experts_per_tok, int) or not 0 < self.num_experts_per_tok <= self.num_experts:
-                fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
-            value = self.first_k_dense_layers
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self.num_hidden_layers:
-                fail("first_k_dense_layers", f"must be an integer in [0, num_hidden_layers={self.num_hidden_layers}]")
-            value = self.router_aux_loss_coef
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                fail("router_aux_loss_coef", "must be a number >= 0")
+        for field in ("residual_scale", "branch_init_gain"):
+            if self.norm_scheme not in SCALED_SCHEMES and getattr(self, field) != "auto":
+                why = f"only the {SCALED_SCHEMES} schemes use it; norm_scheme={self.norm_scheme!r} takes 'auto'"
+                raise invalid(self, field, why)
+
+    def validate_experts(self) -> None:
+        if not self.num_experts:
+            return
+        if self.num_experts_per_tok > self.num_experts:
+            raise invalid(self, "num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
+        if self.first_k_dense_layers > self.num_hidden_layers:
+            why = f"must be an integer in [0, num_hidden_layers={self.num_hidden_layers}]"
+            raise invalid(self, "first_k_dense_layers", why)
 
     @property
     def skip_scale(self) -> float:

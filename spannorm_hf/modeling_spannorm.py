@@ -360,7 +360,7 @@ class SpanNormPreTrainedModel(PreTrainedModel):
 
 class SpanNormModel(SpanNormPreTrainedModel):
     def __init__(self, config: SpanNormConfig):
-        config.validate_spannorm()  # again here: `from_dict(..., **kwargs)` and attribute edits skip __post_init__
+        config.validate()  # the cross-field rules again: attribute edits run only the field validators
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from huggingface_hub.errors import StrictDataclassError
 
 from spannorm_hf import SpanNormConfig, SpanNormForCausalLM
+from spannorm_hf.cli import one_line
 from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.tokenizer import train_tokenizer
 
@@ -41,6 +43,14 @@ def tiny_config(**overrides) -> SpanNormConfig:
 
 def moe_config(**overrides) -> SpanNormConfig:
     return tiny_config(**{**MOE, **overrides})
+
+
+def config_error(**overrides) -> str:
+    """The error `tiny_config(**overrides)` raises: transformers' strict-dataclass error, as every transformers config
+    raises, on one line as the command-line tools print it."""
+    with pytest.raises(StrictDataclassError) as raised:
+        tiny_config(**overrides)
+    return one_line(raised.value)
 
 
 SCRIPTS = ROOT / "scripts"

@@ -4,16 +4,18 @@ import copy
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 import spannorm_hf
 from spannorm_hf import NORM_SCHEME_NAMES, SpanNormConfig, SpanNormForCausalLM, SpanNormForSequenceClassification
 
-from helpers import assert_same_greedy_tokens, generate_in_fresh_process, moe_config, tiny_config
+from helpers import assert_same_greedy_tokens, config_error, generate_in_fresh_process, moe_config, tiny_config
 
 SCHEMES_X_KIND = [(s, k) for s in NORM_SCHEME_NAMES for k in ("dense", "moe")]
 
@@ -318,20 +320,21 @@ INVALID = [
 
 
 @pytest.mark.parametrize("field,kwargs", INVALID, ids=[f"{f}-{i}" for i, (f, _) in enumerate(INVALID)])
-def test_invalid_config_raises_value_error_naming_the_field(field, kwargs):
+def test_invalid_config_is_an_error_naming_the_field_and_value(field, kwargs):
+    message = config_error(**kwargs)
     if field == "hidden_size":
         field = "num_attention_heads"  # the message names the field that fails to divide
-    with pytest.raises(ValueError, match=field) as raised:
-        tiny_config(**kwargs)
     value = kwargs.get(field, kwargs.get("hidden_size"))
-    assert "\n" not in str(raised.value) and repr(value) in str(raised.value)  # one line, naming the value
+    assert field in message and str(value) in message, message
 
 
 def test_invalid_values_name_what_is_allowed():
-    with pytest.raises(ValueError, match=r"hidden_act='nope' is invalid: must be one of .*\bgelu\b.*\bsilu\b"):
-        tiny_config(hidden_act="nope")
-    with pytest.raises(ValueError, match=r"tie_word_embeddings=False or norm_scheme 'pre'/'hybrid'"):
-        tiny_config(tie_word_embeddings=True)
+    message = config_error(hidden_act="nope")
+    assert re.search(r"'hidden_act'.*must be one of .*\bgelu\b.*\bsilu\b.*got nope", message), message
+    message = config_error(tie_word_embeddings=True)
+    assert "tie_word_embeddings=False or norm_scheme 'pre'/'hybrid'" in message
+    message = config_error(attention_dropout="x")
+    assert "'attention_dropout'" in message and "expected float" in message
     for scheme in ("pre", "hybrid"):  # embeddings N(0, initializer_range): tying is fine
         assert tiny_config(norm_scheme=scheme, tie_word_embeddings=True).tie_word_embeddings
 
@@ -368,20 +371,24 @@ def test_configs_saved_by_transformers_load_without_unknown_key_warnings(caplog,
 
 
 def test_config_edited_after_construction_is_validated_when_the_model_is_built():
-    config = SpanNormConfig.from_dict(tiny_config().to_dict(), norm_scheme="bogus")  # kwargs bypass __post_init__
-    with pytest.raises(ValueError, match="norm_scheme='bogus'"):
-        SpanNormForCausalLM(config)
+    with pytest.raises(StrictDataclassError, match="norm_scheme"):  # a field is checked on every assignment
+        SpanNormConfig.from_dict(tiny_config().to_dict(), norm_scheme="bogus")
     config = tiny_config()
-    config.num_key_value_heads = 3
-    with pytest.raises(ValueError, match="num_key_value_heads=3"):
+    config.num_hidden_layers = 4  # a valid edit
+    config.num_key_value_heads = 3  # a cross-field rule, checked when the model is built
+    with pytest.raises(StrictDataclassError, match="num_key_value_heads=3"):
         AutoModelForCausalLM.from_config(config)
 
 
 def test_invalid_config_json_is_rejected_on_load(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "spannorm", "norm_scheme": "middle"}))
-    with pytest.raises(ValueError, match="norm_scheme='middle'"):
+    with pytest.raises(StrictDataclassError, match="norm_scheme.*middle"):
         SpanNormConfig.from_json_file(path)
+    config = tiny_config()
+    config.num_key_value_heads = 3
+    with pytest.raises(StrictDataclassError, match="num_key_value_heads=3"):  # transformers validates on save too
+        config.save_pretrained(tmp_path / "saved")
 
 
 def test_presets_load(tmp_path):

@@ -238,7 +238,8 @@ def _bad_input(files: Path, tmp_path: Path, case: str) -> tuple[list[str], str]:
     if case == "unknown activation":
         config = json.loads((files / "dense.json").read_text())
         (tmp_path / "bad.json").write_text(json.dumps({**config, "hidden_act": "nope"}))
-        return argv(files, out, config=str(tmp_path / "bad.json"), tokenizer=None), "hidden_act='nope' is invalid"
+        message = "field 'hidden_act': ValueError: Value must be one of"
+        return argv(files, out, config=str(tmp_path / "bad.json"), tokenizer=None), message
     if case == "bad option":
         return argv(files, out, batch_size=0), "--batch-size must be >= 1, got 0"
     if case == "no flash-attn":

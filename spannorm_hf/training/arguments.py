@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 from transformers.utils import is_flash_attn_2_available
 
@@ -112,12 +113,12 @@ def load_config(args: TrainArguments) -> SpanNormConfig:
     --seq-len becomes the config's context length."""
     try:
         config = SpanNormConfig.from_json_file(args.config)
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, StrictDataclassError) as err:
         raise SetupError(f"--config {args.config!r}: {err}") from err
     try:
         with torch.device("meta"):
             AutoModelForCausalLM.from_config(config)
-    except (KeyError, ValueError, TypeError, AttributeError) as err:
+    except (KeyError, ValueError, TypeError, AttributeError, StrictDataclassError) as err:
         problem = f"{type(err).__name__}: {err}"
         raise SetupError(f"--config {args.config!r}: no model can be built from it: {problem}") from err
     if args.seq_len is None:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
@@ -402,7 +403,7 @@ class Checkpointer:
         compute differ. Returns the checkpoint's train_state.json."""
         try:
             saved, current = SpanNormConfig.from_json_file(checkpoint / "config.json").to_dict(), config.to_dict()
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, StrictDataclassError) as err:
             raise SetupError(f"cannot resume: {checkpoint / 'config.json'} is not a valid config: {err}") from err
         keys = (saved.keys() | current.keys()) - RESUME_IGNORED_FIELDS
         diff = {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
