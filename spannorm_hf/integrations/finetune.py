@@ -257,6 +257,27 @@ def _train(
     return output
 
 
+def _save_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | os.PathLike,
+    base: str | os.PathLike,
+    fingerprint: str,
+    details: dict[str, Any],
+    *,
+    overwrite: bool,
+) -> Path:
+    """Write the adapter folder atomically (a failed save leaves no half adapter): weights, tokenizer, the base it
+    belongs to (reference and weight fingerprint, so it is never applied to another base) and training details."""
+    with atomic_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        record = {"base": _base_reference(base), "fingerprint": fingerprint}
+        (staging / ADAPTER_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
+    return Path(output_dir).expanduser().resolve()
+
+
 def finetune_lora(
     base: str | os.PathLike,
     data: str | os.PathLike,
@@ -333,13 +354,7 @@ def finetune_lora(
         "gradient_checkpointing": gradient_checkpointing,
         "final_train_loss": round(output.training_loss, 4),
     }
-    with atomic_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        record = {"base": _base_reference(base), "fingerprint": fingerprint}
-        (staging / ADAPTER_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
-    adapter_dir = Path(output_dir).expanduser().resolve()
+    adapter_dir = _save_adapter(model, tokenizer, output_dir, base, fingerprint, details, overwrite=overwrite)
     merged_dir = merge_adapter(adapter_dir, merge_dir, overwrite=overwrite) if merge_dir else None
     return FinetuneResult(adapter_dir, merged_dir, model, output.training_loss, output.global_step, len(dataset))
 
