@@ -2,12 +2,14 @@
 and their `scripts/*.py` wrappers):
 
 - a tool's options are one dataclass (`TrainArguments`, `FinetuneArguments`, `GenerateArguments`,
-  `EvaluateArguments`, `PublishArguments`): a field per option, `field(default=..., metadata={"help": ...})` (no
-  default: the option is required; `metadata` may add argparse's `choices` or `action`), checks of values and of
-  options that depend on each other in `__post_init__`, raising `InputError`; parsed by `ArgumentParser(Arguments,
-  description=...).parse_args_into_dataclasses(argv)` (transformers' `HfArgumentParser`). Every long option answers
-  to both spellings (`--max-new-tokens` and `--max_new_tokens`), `--help` shows each field's help and default, and a
-  float option must be a finite number (`--lr nan` is refused by name);
+  `EvaluateArguments`, `PublishArguments`), built into a parser by its module's `parser()` (hub's `publish_parser()`),
+  `ArgumentParser(XArguments, description=...)`, and read with `parse_args_into_dataclasses(argv)` (transformers'
+  `HfArgumentParser`). One field per option, `field(default=..., metadata={"help": ...})`: no default makes the
+  option required, a `list[str]` field takes several values, and `metadata` may add argparse keywords (`choices`,
+  `metavar`, `action="extend"` for an option that may be repeated) or `allow_empty`. The dataclass's
+  `__post_init__` checks values and options that depend on each other, raising `InputError`. Every long option
+  answers to both spellings (`--max-new-tokens` and `--max_new_tokens`), `--help` shows each field's help and
+  default, and a float option must be a finite number (`--lr nan` is refused by name);
 - bad input is an `InputError` (or a missing / misplaced path: `FileNotFoundError`, `NotADirectoryError`,
   `IsADirectoryError`, `FileExistsError`, `PermissionError`; or a full disk, `DiskFullError`), reported by
   `command` as one line `error: <what, which value, how to fix>` on stderr, exit code 2, no traceback. Anything
