@@ -1,10 +1,15 @@
 """One convention for every command-line tool (`spannorm-train`, `-finetune`, `-generate`, `-evaluate`, `-publish`
 and their `scripts/*.py` wrappers):
 
-- options are declared on one parser class, `ArgumentParser` (transformers' `HfArgumentParser`, so training's
-  dataclass of options and the other tools' `add_argument` calls build the same kind of parser); every long
-  option answers to both spellings (`--max-new-tokens` and `--max_new_tokens`), `--help` shows the defaults, and
-  a float option must be a finite number (`--lr nan` is refused by name);
+- a tool's options are one dataclass (`TrainArguments`, `FinetuneArguments`, `GenerateArguments`,
+  `EvaluateArguments`, `PublishArguments`), built into a parser by its module's `parser()` (hub's `publish_parser()`),
+  `ArgumentParser(XArguments, description=...)`, and read with `parse_args_into_dataclasses(argv)` (transformers'
+  `HfArgumentParser`). One field per option, `field(default=..., metadata={"help": ...})`: no default makes the
+  option required, a `list[str]` field takes several values, and `metadata` may add argparse keywords (`choices`,
+  `metavar`, `action="extend"` for an option that may be repeated) or `allow_empty`. The dataclass's
+  `__post_init__` checks values and options that depend on each other, raising `InputError`. Every long option
+  answers to both spellings (`--max-new-tokens` and `--max_new_tokens`), `--help` shows each field's help and
+  default, and a float option must be a finite number (`--lr nan` is refused by name);
 - bad input is an `InputError` (or a missing / misplaced path: `FileNotFoundError`, `NotADirectoryError`,
   `IsADirectoryError`, `FileExistsError`, `PermissionError`; a config field that fails its validation,
   `StrictDataclassError`, as transformers raises for every config; or a full disk, `DiskFullError`), reported by
@@ -46,19 +51,18 @@ def finite_float(text: str) -> float:
 
 
 class ArgumentParser(HfArgumentParser):
-    """The parser of every spannorm CLI: dataclass fields (HfArgumentParser) or `add_argument` calls, both long
-    spellings of every option, finite floats, and `InputError` instead of argparse's usage-and-exit on bad input."""
+    """The parser of every spannorm CLI, built from its dataclass of options (HfArgumentParser): finite floats, the
+    hyphenated spelling first, and `InputError` instead of argparse's usage-and-exit on bad input."""
 
     def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        """HfArgumentParser's hook for each field (it gives a list field `nargs="+"`; `metadata={"allow_empty":
+        True}` makes that `"*"`, so the option given alone is an empty list)."""
         if kwargs.get("type") is float:
             kwargs["type"] = finite_float
-        spellings = list(names)
-        for name in names:
-            if name.startswith("--"):
-                for twin in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
-                    if twin not in spellings:
-                        spellings.append(twin)
-        return super().add_argument(*spellings, **kwargs)
+        if kwargs.pop("allow_empty", False):
+            kwargs["nargs"] = "*"
+        # `--max-length` before `--max_length`: argparse names an option by its first spelling (errors, usage).
+        return super().add_argument(*sorted(names, key=lambda name: "_" in name), **kwargs)
 
     def parse_args_into_dataclasses(self, args: Sequence[str] | None = None, **kwargs: Any) -> tuple[Any, ...]:
         """As HfArgumentParser's, but an unknown option is bad input (there: a `ValueError` with a traceback)."""

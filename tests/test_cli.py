@@ -1,6 +1,7 @@
 """One CLI convention: the console entry points of pyproject.toml, the scripts/ wrappers, option spellings, finite
 floats, and bad input as one `error:` line with exit code 2 (spannorm_hf.cli)."""
 
+import dataclasses
 import importlib
 import importlib.util
 import re
@@ -75,6 +76,57 @@ def test_every_option_answers_to_both_spellings():
     assert args.max_new_tokens == 7 and args.top_p == 0.5
     assert trainer.parse_args(["--config", "c", "--output", "o", "--seq_len", "9"]).seq_len == 9
     assert trainer.parse_args(["--config", "c", "--output", "o", "--seq-len", "9"]).seq_len == 9
+
+
+def cli_modules() -> dict:
+    """Console script -> (the module holding its options, their dataclass)."""
+    from spannorm_hf.integrations import evaluation, finetune, generation, hub
+    from spannorm_hf.training import arguments
+
+    return {
+        "spannorm-train": (arguments, arguments.TrainArguments),
+        "spannorm-finetune": (finetune, finetune.FinetuneArguments),
+        "spannorm-generate": (generation, generation.GenerateArguments),
+        "spannorm-evaluate": (evaluation, evaluation.EvaluateArguments),
+        "spannorm-publish": (hub, hub.PublishArguments),
+    }
+
+
+def test_every_command_declares_its_options_as_one_dataclass(monkeypatch, capsys):
+    """One argument style: each command's parser is its dataclass of options and nothing else (no `add_argument`
+    beside it), every field has help, and `--help` prints each field's help with its default."""
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help to the terminal width; one line per option
+    modules = cli_modules()
+    assert set(modules) == set(console_scripts())
+    for name, (module, arguments) in modules.items():
+        parser = module.publish_parser() if name == "spannorm-publish" else module.parser()
+        assert dataclasses.is_dataclass(arguments) and parser.dataclass_types == [arguments], name
+        fields = dataclasses.fields(arguments)
+        spellings = {f"--{field.name.replace('_', sep)}" for field in fields for sep in "_-"}
+        declared = {s for action in parser._actions for s in action.option_strings if s not in ("-h", "--help")}
+        assert declared == spellings, name
+        with pytest.raises(SystemExit) as exit_info:
+            load_entry_point(console_scripts()[name])(["--help"])
+        assert exit_info.value.code == 0
+        help_text = capsys.readouterr().out
+        for field in fields:
+            assert "help" in field.metadata, f"{name}: --{field.name} has no help"
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            default = None if default is dataclasses.MISSING else default  # a required option
+            shown = " ".join(field.metadata["help"].split()) + f" (default: {default})"
+            assert shown in help_text, f"{name}: --{field.name}: {shown!r} not in --help"
+
+
+def test_repeated_list_options_add_up():
+    """`--prompt` and `--dataset` were `action="append"`: repeating them still collects every value."""
+    from spannorm_hf.integrations import finetune, generation, hub
+
+    (args,) = generation.parser().parse_args_into_dataclasses(["--model", "m", "--prompt", "a", "--prompt", "b c"])
+    assert args.prompt == ["a", "b c"]
+    argv = ["--model", "m", "--repo-id", "a/b", "--dataset", "x", "--dataset", "y", "z"]
+    assert hub.publish_parser().parse_args_into_dataclasses(argv)[0].dataset == ["x", "y", "z"]
+    argv = ["--model", "m", "--data", "d", "--output", "o", "--target-parameters"]
+    assert finetune.parser().parse_args_into_dataclasses(argv)[0].target_parameters == []  # given empty: none
 
 
 TRAIN = ["--config", "c.json", "--output", "out"]

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -182,29 +182,54 @@ def run_lm_eval(
         ) from error
 
 
+@dataclass
+class EvaluateArguments:
+    """The options of `spannorm-evaluate`."""
+
+    model: str = field(metadata={"help": "checkpoint folder, Hub id, or LoRA adapter folder"})
+    text: str | None = field(
+        default=None, metadata={"help": "held-out text for perplexity (.txt, or .jsonl with a 'text' field)"}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "perplexity window (default: the model's context length)"}
+    )
+    stride: int | None = field(default=None, metadata={"help": "perplexity stride (default: half the window)"})
+    tasks: list[str] = field(
+        default_factory=list, metadata={"help": f"lm-eval tasks; 'paper' = {' '.join(PAPER_TASKS)}"}
+    )
+    include_path: str | None = field(default=None, metadata={"help": "folder of extra lm-eval task YAMLs"})
+    num_fewshot: int | None = field(
+        default=None, metadata={"help": "few-shot examples per question (default: each task's own)"}
+    )
+    limit: float | None = field(
+        default=None, metadata={"help": "examples per task, or a fraction if < 1 (lm-eval --limit; for smoke tests)"}
+    )
+    batch_size: str = field(default="1", metadata={"help": "lm-eval batch size: a whole number, 'auto' or 'auto:N'"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"})
+    output: str | None = field(
+        default=None, metadata={"help": "write the results as JSON here (publish.py --eval-results reads it)"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --output file"})
+
+    def __post_init__(self):
+        if not self.text and not self.tasks:
+            raise InputError("nothing to do: give --text (perplexity) and/or --tasks (lm-eval)")
+        size = self.batch_size
+        if not size.startswith("auto") and (not size.isdigit() or int(size) < 1):
+            raise InputError(f"--batch-size {size!r} must be a positive whole number, 'auto' or 'auto:N'")
+
+
 def parser() -> ArgumentParser:
-    p = ArgumentParser(description="Perplexity and lm-evaluation-harness scores of a SpanNorm checkpoint.")
-    p.add_argument("--model", required=True, help="checkpoint folder, Hub id, or LoRA adapter folder")
-    p.add_argument("--text", help="held-out text for perplexity (.txt, or .jsonl with a 'text' field)")
-    p.add_argument("--max-length", type=int, help="perplexity window (default: the model's context length)")
-    p.add_argument("--stride", type=int, help="perplexity stride (default: half the window)")
-    p.add_argument("--tasks", nargs="+", default=[], help=f"lm-eval tasks; 'paper' = {' '.join(PAPER_TASKS)}")
-    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--limit", type=float, help="examples per task (lm-eval --limit; for smoke tests)")
-    p.add_argument("--batch-size", default="1")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--output", help="write the results as JSON here (publish.py --eval-results reads it)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    return p
+    """The parser of `spannorm-evaluate`, built from `EvaluateArguments`."""
+    return ArgumentParser(
+        EvaluateArguments, description="Perplexity and lm-evaluation-harness scores of a SpanNorm checkpoint."
+    )
 
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     """`spannorm-evaluate` / `scripts/evaluate_model.py`: 0 on success, 2 (one `error:` line) for bad input."""
-    args = parser().parse_args(argv)
-    if not args.text and not args.tasks:
-        raise InputError("nothing to do: give --text (perplexity) and/or --tasks (lm-eval)")
+    (args,) = parser().parse_args_into_dataclasses(argv)
     if args.output:
         check_output_file(args.output, flag="--output", overwrite=args.overwrite)  # before any work
     report: dict[str, Any] = {"model": str(args.model)}
@@ -222,11 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         del model
     if args.tasks:
         limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-        batch_size = args.batch_size
-        if not batch_size.startswith("auto"):
-            if not batch_size.isdigit() or int(batch_size) < 1:
-                raise InputError(f"--batch-size {batch_size!r} must be a positive whole number, 'auto' or 'auto:N'")
-            batch_size = int(batch_size)
+        batch_size = args.batch_size if args.batch_size.startswith("auto") else int(args.batch_size)
         results = run_lm_eval(
             args.model,
             args.tasks,

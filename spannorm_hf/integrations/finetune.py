@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +257,27 @@ def _train(
     return output
 
 
+def _save_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | os.PathLike,
+    base: str | os.PathLike,
+    fingerprint: str,
+    details: dict[str, Any],
+    *,
+    overwrite: bool,
+) -> Path:
+    """Write the adapter folder atomically (a failed save leaves no half adapter): weights, tokenizer, the base it
+    belongs to (reference and weight fingerprint, so it is never applied to another base) and training details."""
+    with atomic_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        record = {"base": _base_reference(base), "fingerprint": fingerprint}
+        (staging / ADAPTER_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
+    return Path(output_dir).expanduser().resolve()
+
+
 def finetune_lora(
     base: str | os.PathLike,
     data: str | os.PathLike,
@@ -333,13 +354,7 @@ def finetune_lora(
         "gradient_checkpointing": gradient_checkpointing,
         "final_train_loss": round(output.training_loss, 4),
     }
-    with atomic_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        record = {"base": _base_reference(base), "fingerprint": fingerprint}
-        (staging / ADAPTER_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
-    adapter_dir = Path(output_dir).expanduser().resolve()
+    adapter_dir = _save_adapter(model, tokenizer, output_dir, base, fingerprint, details, overwrite=overwrite)
     merged_dir = merge_adapter(adapter_dir, merge_dir, overwrite=overwrite) if merge_dir else None
     return FinetuneResult(adapter_dir, merged_dir, model, output.training_loss, output.global_step, len(dataset))
 
@@ -347,48 +362,72 @@ def finetune_lora(
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
+@dataclass
+class FinetuneArguments:
+    """The options of `spannorm-finetune`: fine-tune (--data, --output), or merge an adapter (--model, --merge)."""
+
+    model: str = field(metadata={"help": "base checkpoint folder or Hub id (an adapter folder to merge)"})
+    data: str | None = field(
+        default=None, metadata={"help": "training data: .jsonl/.json (prompt+response, or text) or a plain text file"}
+    )
+    output: str | None = field(default=None, metadata={"help": "adapter output folder"})
+    merge: str | None = field(
+        default=None, metadata={"help": "also write the merged standalone model here", "metavar": "DIR"}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "write into output folders this command did not create (only the files it writes are replaced)"
+        },
+    )
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / rank)"})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout, in [0, 1)"})
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules"})
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"parameter targets (default: {' '.join(EXPERT_PARAMETERS)} for MoE models; give none to disable)",
+            "allow_empty": True,
+        },
+    )
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training data"})
+    max_steps: int = field(
+        default=-1, metadata={"help": "stop after this many optimizer steps (-1: when --epochs are done)"}
+    )
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (cosine decay after a short warm-up)"})
+    batch_size: int = field(default=4, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_length: int = field(default=512, metadata={"help": "tokens per example (text is packed into such blocks)"})
+    no_gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "keep activations instead of recomputing them (faster, more memory)"}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "weights dtype", "choices": ["auto", "float32", "bfloat16", "float16"]}
+    )
+    seed: int = field(default=0, metadata={"help": "random seed (LoRA init, data order, dropout)"})
+
+    def __post_init__(self):
+        if self.data is None and not self.merge:
+            raise InputError("give --data (and --output) to fine-tune, or an adapter folder as --model with --merge")
+        if self.data is not None and not self.output:
+            raise InputError("--output is required with --data (the folder the adapter is written to)")
+
+
 def parser() -> ArgumentParser:
-    p = ArgumentParser(
+    """The parser of `spannorm-finetune`, built from `FinetuneArguments`."""
+    return ArgumentParser(
+        FinetuneArguments,
         description="LoRA fine-tuning of a SpanNorm checkpoint (local folder or Hub id). Without --data, merge an "
-        "existing adapter (--model ADAPTER_DIR) into its base with --merge."
+        "existing adapter (--model ADAPTER_DIR) into its base with --merge.",
     )
-    p.add_argument("--model", required=True, help="base checkpoint folder or Hub id (an adapter folder to merge)")
-    p.add_argument("--data", help="training data: .jsonl/.json (prompt+response, or text) or a plain text file")
-    p.add_argument("--output", help="adapter output folder")
-    p.add_argument("--merge", metavar="DIR", help="also write the merged standalone model here")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into output folders this command did not create (only the files it writes are replaced)",
-    )
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=int, default=32)
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--target-modules", nargs="+", default=["all-linear"], help="LoRA target modules")
-    p.add_argument(
-        "--target-parameters",
-        nargs="*",
-        help=f"parameter targets (default: {' '.join(EXPERT_PARAMETERS)} for MoE models; give none to disable)",
-    )
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    return p
 
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     """`spannorm-finetune` / `scripts/finetune_lora.py`: 0 on success, 2 (one `error:` line) for bad input."""
-    args = parser().parse_args(argv)
+    (args,) = parser().parse_args_into_dataclasses(argv)
     if args.data is None:
-        if not args.merge:
-            raise InputError("give --data (and --output) to fine-tune, or an adapter folder as --model with --merge")
         if not is_adapter_folder(args.model):
             raise InputError(
                 f"--model {args.model!r} is not a LoRA adapter folder (no adapter_config.json); to merge, pass the "
@@ -396,8 +435,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         print(f"Merged model: {merge_adapter(args.model, args.merge, overwrite=args.overwrite)}")
         return 0
-    if not args.output:
-        raise InputError("--output is required with --data (the folder the adapter is written to)")
     modules = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     result = finetune_lora(
         args.model,

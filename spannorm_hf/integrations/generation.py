@@ -9,6 +9,7 @@ it was trained on), is refused rather than cut: cutting would silently drop what
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -136,40 +137,61 @@ def generate(
     return tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+@dataclass
+class GenerateArguments:
+    """The options of `spannorm-generate`; settings that depend on `mode` are checked by `generation_config`."""
+
+    model: str = field(metadata={"help": "checkpoint folder, Hub id, or LoRA adapter folder"})
+    prompt: list[str] = field(
+        default_factory=list,
+        metadata={"help": "a prompt; several for a batch (--prompt A --prompt B, or --prompt A B)", "action": "extend"},
+    )
+    prompts_file: str | None = field(default=None, metadata={"help": "a text file with one prompt per line"})
+    mode: str = field(default="greedy", metadata={"help": "decoding strategy", "choices": MODES})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "tokens to generate; prompt tokens + this must fit the context"}
+    )
+    temperature: float | None = field(
+        default=None, metadata={"help": "sampling temperature (mode sample; default 1.0)"}
+    )
+    top_p: float | None = field(default=None, metadata={"help": "nucleus sampling mass (mode sample; default 1.0)"})
+    top_k: int | None = field(
+        default=None, metadata={"help": "sample from the k most likely tokens (mode sample; default 50)"}
+    )
+    num_beams: int | None = field(default=None, metadata={"help": "beams (mode beam; default 4)"})
+    repetition_penalty: float | None = field(
+        default=None,
+        metadata={"help": "penalty on tokens already in the sequence (1.0: none; > 1 discourages repeats)"},
+    )
+    stream: bool = field(default=False, metadata={"help": "print tokens as they are generated (not with beam)"})
+    chat: bool = field(
+        default=False,
+        metadata={
+            "help": "each prompt is a user turn of the tokenizer's chat template (as fine-tuning formats "
+            "instruction data)"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "random seed of sampling"})
+    dtype: str = field(
+        default="auto", metadata={"help": "weights dtype", "choices": ["auto", "float32", "bfloat16", "float16"]}
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda when available)"})
+
+
 def parser() -> ArgumentParser:
-    p = ArgumentParser(
+    """The parser of `spannorm-generate`, built from `GenerateArguments`."""
+    return ArgumentParser(
+        GenerateArguments,
         description="Generate text with a SpanNorm checkpoint (folder or Hub id) or adapter. A prompt must have at "
         "least one token, and its tokens plus --max-new-tokens must fit the model's context (max_position_embeddings):"
-        " a longer prompt is an error, never silently cut."
+        " a longer prompt is an error, never silently cut.",
     )
-    p.add_argument("--model", required=True, help="checkpoint folder, Hub id, or LoRA adapter folder")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--mode", choices=MODES, default="greedy")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=64, help="tokens to generate; prompt tokens + this must fit the context"
-    )
-    p.add_argument("--temperature", type=float, help="sampling temperature (mode sample; default 1.0)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (mode sample; default 1.0)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (mode sample; default 50)")
-    p.add_argument("--num-beams", type=int, help="beams (mode beam; default 4)")
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (not with beam)")
-    p.add_argument(
-        "--chat",
-        action="store_true",
-        help="each prompt is a user turn of the tokenizer's chat template (as fine-tuning formats instruction data)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    return p
 
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     """`spannorm-generate` / `scripts/generate.py`: 0 on success, 2 (one `error:` line) for bad input."""
-    args = parser().parse_args(argv)
+    (args,) = parser().parse_args_into_dataclasses(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -414,39 +415,62 @@ def _read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return value
 
 
+@dataclass
+class PublishArguments:
+    """The options of `spannorm-publish`."""
+
+    model: str = field(metadata={"help": "checkpoint folder (save_pretrained output with a tokenizer)"})
+    repo_id: str = field(metadata={"help": "namespace/name on the Hub"})
+    private: bool = field(default=False, metadata={"help": "create the repo private"})
+    revision: str | None = field(
+        default=None, metadata={"help": "branch to commit to (created if missing); default main"}
+    )
+    dry_run: bool = field(default=False, metadata={"help": "build the folder and list it, upload nothing"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "where to build the Hub folder (default: MODEL-hub next to MODEL)"}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "write into an --output-dir this command did not create (only the files it writes are replaced)"
+        },
+    )
+    license: str = field(default="apache-2.0", metadata={"help": "Hub license id for the card"})
+    dataset: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "training dataset Hub id (repeatable: --dataset A --dataset B, or --dataset A B)",
+            "action": "extend",
+        },
+    )
+    eval_results: str | None = field(
+        default=None, metadata={"help": "JSON written by spannorm-evaluate --output (model-index)"}
+    )
+    training_details: str | None = field(
+        default=None,
+        metadata={"help": f"JSON object for the card's training table (default: MODEL/{TRAINING_DETAILS_FILE})"},
+    )
+    commit_message: str = field(default="Upload SpanNorm model", metadata={"help": "message of the Hub commit"})
+    max_shard_size: str = field(default="2GB", metadata={"help": "largest safetensors shard, e.g. 500MB or 5GB"})
+
+    def __post_init__(self):
+        check_repo_id(self.repo_id)
+
+
 def publish_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+    """The parser of `spannorm-publish`, built from `PublishArguments`."""
+    return ArgumentParser(
+        PublishArguments,
         description="Build a Hub folder (weights, config + auto_map, remote code, tokenizer, model card) from a "
-        "SpanNorm checkpoint folder and upload it."
+        "SpanNorm checkpoint folder and upload it.",
     )
-    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained output with a tokenizer)")
-    parser.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--revision", help="branch to commit to (created if missing); default main")
-    parser.add_argument("--dry-run", action="store_true", help="build the folder and list it, upload nothing")
-    parser.add_argument("--output-dir", help="where to build the Hub folder (default: MODEL-hub next to MODEL)")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into an --output-dir this command did not create (only the files it writes are replaced)",
-    )
-    parser.add_argument("--license", default="apache-2.0", help="Hub license id for the card")
-    parser.add_argument("--dataset", action="append", default=[], help="training dataset Hub id (repeatable)")
-    parser.add_argument("--eval-results", help="JSON written by spannorm-evaluate --output (model-index)")
-    parser.add_argument(
-        "--training-details", help=f"JSON object for the card's training table (default: MODEL/{TRAINING_DETAILS_FILE})"
-    )
-    parser.add_argument("--commit-message", default="Upload SpanNorm model")
-    parser.add_argument("--max-shard-size", default="2GB")
-    return parser
 
 
 @command
 def publish_main(argv: Sequence[str] | None = None) -> int:
     """`spannorm-publish` / `scripts/publish.py`: 0 when uploaded, dry-run, or skipped for want of a token or a
     network; 1 when the server refused the upload (its message is printed); 2 for bad input."""
-    args = publish_parser().parse_args(argv)
-    check_repo_id(args.repo_id)
+    (args,) = publish_parser().parse_args_into_dataclasses(argv)
     model_dir = Path(args.model).expanduser().resolve()
     details_path = Path(args.training_details or model_dir / TRAINING_DETAILS_FILE)
     details = None

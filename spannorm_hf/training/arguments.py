@@ -42,8 +42,8 @@ class TrainArguments:
     lr_scheduler: str = field(default="cosine", metadata={"help": "a transformers scheduler name"})
     warmup_steps: float = field(default=0.05, metadata={"help": "warmup steps, or a fraction of all steps if < 1"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (decay of the gradient mean)"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (decay of the squared-gradient mean)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0: off"})
     mixed_precision: str | None = field(
         default=None, metadata={"help": "no | bf16 | fp16; default: the accelerate config's, else fp32"}
@@ -57,7 +57,7 @@ class TrainArguments:
         },
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile (inductor) through accelerate"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (model init, validation split, data order)"})
     log_every: int = field(default=10, metadata={"help": "steps between metric records"})
     eval_every: int = field(default=200, metadata={"help": "steps between validation passes"})
     eval_batches: int = field(default=20, metadata={"help": "validation micro-batches per process per pass"})
@@ -101,10 +101,14 @@ class TrainArguments:
             raise SetupError("--attn-implementation flash_attention_2 needs the flash-attn package and a CUDA GPU")
 
 
+def parser() -> ArgumentParser:
+    """The parser of `spannorm-train`, built from `TrainArguments`."""
+    return ArgumentParser(TrainArguments, description="Pretrain a SpanNorm model with Accelerate.")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainArguments:
     """Command-line arguments (both --seq-len and --seq_len spellings work)."""
-    parser = ArgumentParser(TrainArguments, description="Pretrain a SpanNorm model with Accelerate.")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parser().parse_args_into_dataclasses(argv)
     return args
 
 
