@@ -65,7 +65,9 @@ class ArgumentParser(HfArgumentParser):
         return super().add_argument(*sorted(names, key=lambda name: "_" in name), **kwargs)
 
     def parse_args_into_dataclasses(self, args: Sequence[str] | None = None, **kwargs: Any) -> tuple[Any, ...]:
-        """As HfArgumentParser's, but an unknown option is bad input (there: a `ValueError` with a traceback)."""
+        """As HfArgumentParser's, but an unknown option is bad input (there: a `ValueError` with a traceback), and
+        the options are the command line's alone (there: also a `<script>.args` file beside the script, if any)."""
+        kwargs.setdefault("look_for_args_file", False)
         *outputs, remaining = super().parse_args_into_dataclasses(args, return_remaining_strings=True, **kwargs)
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)}")

@@ -129,6 +129,16 @@ def test_repeated_list_options_add_up():
     assert finetune.parser().parse_args_into_dataclasses(argv)[0].target_parameters == []  # given empty: none
 
 
+def test_options_come_from_the_command_line_alone(tmp_path, monkeypatch):
+    """HfArgumentParser would also read `<script>.args` beside the running script: a file nobody typed."""
+    from spannorm_hf.integrations import generation
+
+    (tmp_path / "spannorm-generate.args").write_text("--prompt planted --seed 7")
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "spannorm-generate")])
+    (args,) = generation.parser().parse_args_into_dataclasses(["--model", "m"])
+    assert args.prompt == [] and args.seed == 0
+
+
 TRAIN = ["--config", "c.json", "--output", "out"]
 
 
