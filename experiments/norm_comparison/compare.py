@@ -285,6 +285,23 @@ GRIDS: dict[str, Grid] = {
     ),
     # Issue 10: does the best learning rate hold from L=6 to L=48? See the comment above DEPTH_SECTIONS.
     "depth": Grid("depth", sections=DEPTH_SECTIONS, seeds=(0, 1, 2), order="section", width=128, heads=4, ffn=344),
+    # Issue 10 item 5: does the gap to PreNorm hold over a 4x longer run, and do stuck runs ever leave the plateau?
+    # L = 24, 800 steps, seed 0; learning rates chosen 2026-12-01 from the depth grid's seed-0 runs at L = 24 (the
+    # best of 2e-3/4e-3/8e-3 per arm): PreNorm and Peri-LN at 2e-3, the two best SpanNorm rules at theirs (DeepNet
+    # 4e-3, depth-muP 8e-3), and DeepNet at 8e-3, where seed 0 stuck at the unigram loss after 200 steps.
+    "depth-long": Grid(
+        "depth-long",
+        sections=(
+            Section(("pre", "peri"), (24,), (2e-3,)),
+            Section(("span",), (24,), (4e-3, 8e-3)),
+            Section(("span-mup",), (24,), (8e-3,)),
+        ),
+        seeds=(0,),
+        width=128,
+        heads=4,
+        ffn=344,
+        steps=800,
+    ),
 }
 
 
