@@ -122,6 +122,44 @@ def test_exported_folder_chats_through_the_pipeline_without_the_package(tmp_path
     assert "custom code" not in output and "model of type" not in output  # loads without a prompt or warning
 
 
+PLAIN_TOKENIZER = """
+import os
+os.dup2(1, 2)  # stderr into stdout, so what each load prints stays in order around the markers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+folder, messages = sys.argv[1], json.loads(sys.argv[2])
+def describe(tokenizer):
+    texts = ["def main(args):", "Which module handles paths?\\n\\tos.path  <|im_end|>"]
+    return {"class": type(tokenizer).__name__, "ids": [tokenizer(text)["input_ids"] for text in texts],
+            "template": tokenizer.chat_template, "special": tokenizer.all_special_tokens,
+            "chat": tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"],
+            "max_length": tokenizer.model_max_length}
+print("[plain AutoTokenizer]", flush=True)
+plain = describe(AutoTokenizer.from_pretrained(folder))  # no trust_remote_code, stdin closed
+print("[the rest]", flush=True)
+print(json.dumps({"plain": plain, "no_config": describe(PreTrainedTokenizerFast.from_pretrained(folder)),
+                  "trusted": describe(AutoTokenizer.from_pretrained(folder, trust_remote_code=True)),
+                  "config": type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__,
+                  "model": type(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)).__name__}))
+"""
+
+
+@pytest.mark.slow  # a fresh Python importing transformers (~20 s on a busy 2-core machine)
+def test_exported_tokenizer_loads_without_trust_remote_code(tmp_path):
+    """Issue 13.4: the folder's tokenizer is a stock one, so `AutoTokenizer.from_pretrained(DIR)` should load it
+    silently on a machine without the package. It loads the same tokenizer, but transformers 5 (5.17 to 5.24)
+    reads config.json first, and the `auto_map.AutoConfig` there (which AutoConfig/AutoModel* with
+    trust_remote_code=True need) makes it ask whether to run the folder's code. Known limitation (README)."""
+    folder = hub_folder(tmp_path, "dense", max_position_embeddings=96)
+    found, output = run_without_package(PLAIN_TOKENIZER, [str(folder), json.dumps(MESSAGES)], tmp_path)
+    assert found["config"] == "SpanNormConfig" and found["model"] == "SpanNormForCausalLM"
+    assert found["trusted"]["class"] == "TokenizersBackend" and found["trusted"]["max_length"] == 96
+    assert found["plain"] == found["trusted"] and found["no_config"] == found["trusted"]
+    plain_output, _, rest = output.partition("[the rest]")
+    assert "custom code" not in rest and "model of type" not in rest  # the other loads are silent
+    if "custom code" in plain_output or "model of type" in plain_output:
+        pytest.xfail("transformers 5 asks about the folder's code (auto_map.AutoConfig) before reading the tokenizer")
+
+
 # ----------------------------------------------------------------------------------------------------------- cards
 
 
