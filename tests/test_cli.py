@@ -118,8 +118,9 @@ def test_every_command_declares_its_options_as_one_dataclass(monkeypatch, capsys
 
 
 def test_repeated_list_options_add_up():
-    """`--prompt` and `--dataset` were `action="append"`: repeating them still collects every value."""
-    from spannorm_hf.integrations import finetune, generation, hub
+    """`--prompt` and `--dataset` were `action="append"`: repeating them still collects every value, as for every
+    option that takes several."""
+    from spannorm_hf.integrations import evaluation, finetune, generation, hub
 
     (args,) = generation.parser().parse_args_into_dataclasses(["--model", "m", "--prompt", "a", "--prompt", "b c"])
     assert args.prompt == ["a", "b c"]
@@ -127,6 +128,8 @@ def test_repeated_list_options_add_up():
     assert hub.publish_parser().parse_args_into_dataclasses(argv)[0].dataset == ["x", "y", "z"]
     argv = ["--model", "m", "--data", "d", "--output", "o", "--target-parameters"]
     assert finetune.parser().parse_args_into_dataclasses(argv)[0].target_parameters == []  # given empty: none
+    argv = ["--model", "m", "--tasks", "a", "--tasks", "b", "c"]
+    assert evaluation.parser().parse_args_into_dataclasses(argv)[0].tasks == ["a", "b", "c"]
 
 
 def test_options_come_from_the_command_line_alone(tmp_path, monkeypatch):

@@ -195,7 +195,8 @@ class EvaluateArguments:
     )
     stride: int | None = field(default=None, metadata={"help": "perplexity stride (default: half the window)"})
     tasks: list[str] = field(
-        default_factory=list, metadata={"help": f"lm-eval tasks; 'paper' = {' '.join(PAPER_TASKS)}"}
+        default_factory=list,
+        metadata={"help": f"lm-eval tasks; 'paper' = {' '.join(PAPER_TASKS)}", "action": "extend"},
     )
     include_path: str | None = field(default=None, metadata={"help": "folder of extra lm-eval task YAMLs"})
     num_fewshot: int | None = field(
