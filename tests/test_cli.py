@@ -121,6 +121,7 @@ def test_repeated_list_options_add_up():
     """`--prompt` and `--dataset` were `action="append"`: repeating them still collects every value, as for every
     option that takes several."""
     from spannorm_hf.integrations import evaluation, finetune, generation, hub
+    from spannorm_hf.training import arguments as train_arguments
 
     (args,) = generation.parser().parse_args_into_dataclasses(["--model", "m", "--prompt", "a", "--prompt", "b c"])
     assert args.prompt == ["a", "b c"]
@@ -128,6 +129,9 @@ def test_repeated_list_options_add_up():
     assert hub.publish_parser().parse_args_into_dataclasses(argv)[0].dataset == ["x", "y", "z"]
     argv = ["--model", "m", "--data", "d", "--output", "o", "--target-parameters"]
     assert finetune.parser().parse_args_into_dataclasses(argv)[0].target_parameters == []  # given empty: none
+    argv = ["--config", "c", "--output", "o", "--data", "a.txt", "--data", "b.txt"]
+    assert train_arguments.parser().parse_args_into_dataclasses(argv)[0].data == ["a.txt", "b.txt"]
+    assert train_arguments.parser().parse_args_into_dataclasses(argv[:4])[0].data is None
     argv = ["--model", "m", "--tasks", "a", "--tasks", "b", "c"]
     assert evaluation.parser().parse_args_into_dataclasses(argv)[0].tasks == ["a", "b", "c"]
 

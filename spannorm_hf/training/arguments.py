@@ -24,7 +24,8 @@ class TrainArguments:
     data: list[str] | None = field(
         default=None,
         metadata={
-            "help": "text/jsonl/parquet files or globs, or a Hub dataset name[:config]; default: embedded corpus"
+            "help": "text/jsonl/parquet files or globs, or a Hub dataset name[:config]; default: embedded corpus",
+            "action": "extend",
         },
     )
     text_column: str = field(default="text", metadata={"help": "column holding the documents (jsonl/parquet/Hub)"})
