@@ -9,6 +9,7 @@ work before a GPU is lent.
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -85,28 +86,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one run measures, in one place: the 1B preset at its real shapes on the GPU, the tiny preset at toy
+    shapes on the dry run, so that every step runs on CPU in minutes."""
+
+    dry_run: bool
+    device: torch.device
+    preset: str
+    batch: int
+    seq: int
+    prompt_len: int
+    new_tokens: int
+    rounds: int
+    matmul_n: int
+
+    @classmethod
+    def of(cls, dry_run: bool) -> "Plan":
+        """The plan for a GPU run, or for a dry run on CPU."""
+        if dry_run:
+            return cls(True, torch.device("cpu"), "spannorm-tiny.json", 2, 64, 8, 8, 3, 512)
+        return cls(False, torch.device("cuda"), "spannorm-1b.json", 4, 2048, 128, 64, 6, 8192)
+
+
+@dataclasses.dataclass
+class Timings:
+    """Per contender: seconds per training step and per decode (by batch size, 1 and 8), over interleaved rounds;
+    peak training memory in bytes."""
+
+    train: dict[str, list[float]]
+    memory: dict[str, int]
+    decode: dict[int, dict[str, list[float]]]
+
+
+def refusal(dry_run: bool) -> str | None:
+    """Why this machine cannot run the check (an old transformers, or no GPU without --dry-run), said before any
+    device time is spent; None when it can."""
     version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     if version < MIN_TRANSFORMERS:
-        print(
+        return (
             f"transformers {transformers.__version__} is older than {MIN_TRANSFORMERS}: carry the wheel (see "
-            "benchmarks/gpu_check.sh --fetch-wheels)",
-            file=sys.stderr,
+            "benchmarks/gpu_check.sh --fetch-wheels)"
         )
-        return 2
-    if not args.dry_run and not torch.cuda.is_available():
-        print("no CUDA device here; use --dry-run to check the script on CPU", file=sys.stderr)
-        return 2
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    preset = "spannorm-tiny.json" if args.dry_run else "spannorm-1b.json"
-    batch, seq = (2, 64) if args.dry_run else (4, 2048)
-    prompt_len, new_tokens, rounds = (8, 8, 3) if args.dry_run else (128, 64, 6)
+    if not dry_run and not torch.cuda.is_available():
+        return "no CUDA device here; use --dry-run to check the script on CPU"
+    return None
 
-    attn_impl, attn_context, attn_note = pick_attention(device)
-    span_config = SpanNormConfig.from_json_file(ROOT / "configuration" / preset)
-    span_config.max_position_embeddings = max(seq, prompt_len + new_tokens)
+
+def model_configs(plan: Plan, attn_impl: str) -> tuple[SpanNormConfig, LlamaConfig]:
+    """The preset's SpanNorm config and a Llama config with the same shapes, both on the chosen attention, so the
+    two differ only in the norms."""
+    span_config = SpanNormConfig.from_json_file(ROOT / "configuration" / plan.preset)
+    span_config.max_position_embeddings = max(plan.seq, plan.prompt_len + plan.new_tokens)
     fields = (
         "vocab_size",
         "hidden_size",
@@ -124,90 +155,140 @@ def main(argv=None) -> int:
     )
     for config in (span_config, llama_config):
         config._attn_implementation = attn_impl
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    return span_config, llama_config
+
+
+def header_lines(plan: Plan, where: str, attn_note: str) -> list[str]:
+    """The report's title and the machine line: what ran where, printed before the first measurement."""
     header = [
-        f"# GPU check: SpanNorm vs Llama, {preset} shapes, bf16",
+        f"# GPU check: SpanNorm vs Llama, {plan.preset} shapes, bf16",
         "",
         f"{where}; torch {torch.__version__}; transformers {transformers.__version__}; python "
         f"{sys.version.split()[0]}; attention: {attn_note}",
     ]
-    if args.dry_run:
+    if plan.dry_run:
         header.append("\nDRY RUN: tiny model on CPU, 3 rounds; the numbers only show that every step runs.")
-    print("\n".join(header), flush=True)
+    return header
 
-    ceiling = matmul_ceiling_tflops(device, 512 if args.dry_run else 8192)
-    dtype = torch.bfloat16
+
+def build_contenders(span_config: SpanNormConfig, llama_config: LlamaConfig, device: torch.device) -> list[Contender]:
+    """Llama first (the reference of every ratio), then SpanNorm, in bf16, checked to share every weight matrix
+    shape; on CUDA with fused AdamW."""
     contenders = [
-        Contender("llama", build(llama_config, device, dtype)),
-        Contender("span", build(span_config, device, dtype)),
+        Contender("llama", build(llama_config, device, torch.bfloat16)),
+        Contender("span", build(span_config, device, torch.bfloat16)),
     ]
     for c in contenders:
         assert matmul_params(c.model) == matmul_params(contenders[0].model), c.name
         if device.type == "cuda":
             c.optimizer = torch.optim.AdamW(c.model.parameters(), lr=1e-4, fused=True)
-    flops = train_flops(span_config, batch, seq)
-    ids = torch.randint(3, span_config.vocab_size, (batch, seq), device=device)
-    result = {
-        "device": where,
-        "attention": attn_note,
-        "preset": preset,
-        "batch": batch,
-        "seq": seq,
-        "matmul_ceiling_tflops": ceiling,
-        "train_flops_per_step": flops,
-        "models": {},
-    }
-    with attn_context:
-        train = interleaved(contenders, lambda c: c.train_step(ids), warmup=2, repeats=rounds)
-        memory = {c.name: c.peak_train_bytes(ids) for c in contenders}
-        decode = {}
-        for b in (1, 8):
-            prompt = torch.randint(3, span_config.vocab_size, (b, prompt_len), device=device)
-            decode[b] = interleaved(contenders, lambda c, p=prompt: c.decode(p, new_tokens), warmup=1, repeats=3)
+    return contenders
 
+
+def measure(contenders: list[Contender], plan: Plan, vocab_size: int) -> Timings:
+    """The required measurements: training steps, peak training memory, and KV-cache decode at batch 1 and 8,
+    interleaved so that both models see the same machine state."""
+    ids = torch.randint(3, vocab_size, (plan.batch, plan.seq), device=plan.device)
+    train = interleaved(contenders, lambda c: c.train_step(ids), warmup=2, repeats=plan.rounds)
+    memory = {c.name: c.peak_train_bytes(ids) for c in contenders}
+    decode = {}
+    for b in (1, 8):
+        prompt = torch.randint(3, vocab_size, (b, plan.prompt_len), device=plan.device)
+        decode[b] = interleaved(contenders, lambda c, p=prompt: c.decode(p, plan.new_tokens), warmup=1, repeats=3)
+    return Timings(train, memory, decode)
+
+
+def results_table(
+    contenders: list[Contender], plan: Plan, flops: float, ceiling: float, timings: Timings, models: dict
+) -> list[str]:
+    """The report's main table (step time, ratio vs llama, MFU both ways, memory, decode rates); fills `models`,
+    the JSON's per-model numbers, with the same values."""
     lines = [
         "",
-        f"Training step: batch {batch} x {seq} tokens, {flops / 1e12:.3g} TFLOP counted per step; MFU against the "
-        f"datasheet's {H200_BF16_DENSE_TFLOPS:.0f} TFLOP/s and against this card's measured bf16 matmul rate "
-        f"({ceiling:.3g} TFLOP/s). Decode: {new_tokens} greedy tokens from a KV cache after a {prompt_len}-token "
-        f"prompt. Medians of {rounds} interleaved rounds; ratios vs llama in the same rounds.",
+        f"Training step: batch {plan.batch} x {plan.seq} tokens, {flops / 1e12:.3g} TFLOP counted per step; MFU "
+        f"against the datasheet's {H200_BF16_DENSE_TFLOPS:.0f} TFLOP/s and against this card's measured bf16 matmul "
+        f"rate ({ceiling:.3g} TFLOP/s). Decode: {plan.new_tokens} greedy tokens from a KV cache after a "
+        f"{plan.prompt_len}-token prompt. Medians of {plan.rounds} interleaved rounds; ratios vs llama in the same "
+        "rounds.",
         "",
         "| model | step | vs llama | TFLOP/s | MFU (datasheet) | MFU (measured peak) | peak memory | decode b1 "
         "tok/s | decode b8 tok/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in contenders:
-        step = statistics.median(train[c.name])
+        step = statistics.median(timings.train[c.name])
         tflops = flops / step / 1e12
-        ratio = paired_ratio(train, c.name, "llama")
-        d1, d8 = (b * new_tokens / statistics.median(decode[b][c.name]) for b in (1, 8))
+        ratio = paired_ratio(timings.train, c.name, "llama")
+        d1, d8 = (b * plan.new_tokens / statistics.median(timings.decode[b][c.name]) for b in (1, 8))
+        memory = timings.memory[c.name]
         lines.append(
             f"| {c.name} | {step * 1e3:.1f} ms | {ratio[0]:.3f}x | {tflops:.3g} | "
-            f"{tflops / H200_BF16_DENSE_TFLOPS:.1%} | {tflops / ceiling:.1%} | {memory[c.name] / 2**20:,.0f} MiB | "
+            f"{tflops / H200_BF16_DENSE_TFLOPS:.1%} | {tflops / ceiling:.1%} | {memory / 2**20:,.0f} MiB | "
             f"{d1:,.0f} | {d8:,.0f} |"
         )
-        result["models"][c.name] = {
+        models[c.name] = {
             "step_s": step,
             "ratio_vs_llama": ratio[0],
             "tflops": tflops,
-            "peak_bytes": memory[c.name],
+            "peak_bytes": memory,
             "decode_b1_tok_s": d1,
             "decode_b8_tok_s": d8,
         }
+    return lines
+
+
+def static_generate(contenders: list[Contender], plan: Plan, vocab_size: int, models: dict) -> list[str]:
+    """The optional part, run only while time is left (compiling costs minutes): static-cache `generate` at batch
+    1 with transformers' compiled decode step. Prints its lines, adds each rate to `models`, returns the lines."""
+    prompt = torch.randint(3, vocab_size, (1, plan.prompt_len), device=plan.device)
+    compiled = interleaved(
+        contenders, lambda c: c.generate(prompt, plan.new_tokens, compiled=True), warmup=1, repeats=3
+    )
+    static = ["", "Static-cache generate, batch 1, transformers' compiled decode step:", ""]
+    for c in contenders:
+        tok_s = plan.new_tokens / statistics.median(compiled[c.name])
+        static.append(f"- {c.name}: {tok_s:,.0f} new tokens/s")
+        models[c.name]["static_compiled_b1_tok_s"] = tok_s
+    print("\n".join(static), flush=True)
+    return static
+
+
+def main(argv=None) -> int:
+    """Exit 0 when every model's step time is finite, 1 when not, 2 when this machine cannot run the check."""
+    args = parse_args(argv)
+    started = time.perf_counter()
+    refused = refusal(args.dry_run)
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
+    plan = Plan.of(args.dry_run)
+    attn_impl, attn_context, attn_note = pick_attention(plan.device)
+    span_config, llama_config = model_configs(plan, attn_impl)
+    where = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "CPU (dry run)"
+    header = header_lines(plan, where, attn_note)
+    print("\n".join(header), flush=True)
+
+    ceiling = matmul_ceiling_tflops(plan.device, plan.matmul_n)
+    contenders = build_contenders(span_config, llama_config, plan.device)
+    flops = train_flops(span_config, plan.batch, plan.seq)
+    result = {
+        "device": where,
+        "attention": attn_note,
+        "preset": plan.preset,
+        "batch": plan.batch,
+        "seq": plan.seq,
+        "matmul_ceiling_tflops": ceiling,
+        "train_flops_per_step": flops,
+        "models": {},
+    }
+    with attn_context:
+        timings = measure(contenders, plan, span_config.vocab_size)
+    lines = results_table(contenders, plan, flops, ceiling, timings, result["models"])
     print("\n".join(lines), flush=True)
 
     elapsed = time.perf_counter() - started
     if elapsed < args.budget_s / 2:
-        prompt = torch.randint(3, span_config.vocab_size, (1, prompt_len), device=device)
-        gen = [contenders[0], contenders[1]]
-        compiled = interleaved(gen, lambda c: c.generate(prompt, new_tokens, compiled=True), warmup=1, repeats=3)
-        static = ["", "Static-cache generate, batch 1, transformers' compiled decode step:", ""]
-        for c in gen:
-            tok_s = new_tokens / statistics.median(compiled[c.name])
-            static.append(f"- {c.name}: {tok_s:,.0f} new tokens/s")
-            result["models"][c.name]["static_compiled_b1_tok_s"] = tok_s
-        print("\n".join(static), flush=True)
-        lines += static
+        lines += static_generate(contenders, plan, span_config.vocab_size, result["models"])
     else:
         lines.append(f"\n(static-cache compiled generate skipped: {elapsed:.0f} s already spent)")
     total = time.perf_counter() - started

@@ -928,6 +928,18 @@ def depth_verdict(
 
 def _depth_tables(records: list[dict], grid: Grid, baseline: float) -> str:
     """The depth-transfer measures of every arm, the pre-registered verdict, and what of the grid has run."""
+    return "\n\n".join(
+        (
+            _depth_sweep_table(records, grid, baseline),
+            _depth_rule_table(records, baseline),
+            _coverage_table(records, grid),
+        )
+    )
+
+
+def _depth_sweep_table(records: list[dict], grid: Grid, baseline: float) -> str:
+    """Each arm's learning-rate sweep at each depth (best lr, usable window, stuck/diverged, transfer error), with
+    the planned cells not run yet marked `missing`, so a partial grid shows what it still lacks."""
     cells = depth_cells(records, baseline)
     planned = grid.runs()
     configs = sorted({(s.layers, s.experts) for s in planned} | {(r["layers"], r["experts"]) for r in records})
@@ -963,9 +975,14 @@ def _depth_tables(records: list[dict], grid: Grid, baseline: float) -> str:
                 f"{_lr_key(c.best_lr) if c.best_lr is not None else '—'} | {best} | {usable} | {c.stuck}/{c.runs} | "
                 f"{c.diverged}/{c.runs} | {te} |"
             )
+    return "\n".join(lines)
+
+
+def _depth_rule_table(records: list[dict], baseline: float) -> str:
+    """The pre-registered rule for SpanNorm's default depth scaling, each arm's numbers under it, and its verdict
+    (with the provisional leader and the missing runs while undecided), as `depth_verdict` computes them."""
     verdict = depth_verdict(records, baseline)
-    lines += [
-        "",
+    lines = [
         "## SpanNorm's default depth scaling: the pre-registered rule",
         "",
         "Among " + ", ".join(f"`{a}` ({ARMS[a].label})" for a in DEPTH_RULE_ARMS) + ": an arm qualifies only if "
@@ -997,9 +1014,13 @@ def _depth_tables(records: list[dict], grid: Grid, baseline: float) -> str:
             "",
             f"Missing {len(verdict.missing)} runs: {shown}{more}.",
         ]
+    return "\n".join(lines)
+
+
+def _coverage_table(records: list[dict], grid: Grid) -> str:
+    """How many runs of each section of the grid are done: where a resumable, partly run grid stands."""
     done = {r["key"] for r in records}
-    lines += [
-        "",
+    lines = [
         "## Grid coverage",
         "",
         "| section | arms | layers | experts | lrs | seeds | done |",
@@ -1103,19 +1124,36 @@ def _style(arm: str) -> dict:
     return {"color": colors.get(arm, "black"), "ls": "--" if dashed else "-", "lw": 2.2 if arm == "span" else 1.3}
 
 
-def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = math.nan) -> list[Path]:
-    """loss_curves.png, lr_sensitivity.png, loss_vs_depth.png, per_layer_init.png, per_layer_end.png."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend: the plots are written to files, never shown, and need no display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = math.nan) -> list[Path]:
+    """loss_curves.png, lr_sensitivity.png, loss_vs_depth.png, per_layer_init.png, per_layer_end.png."""
+    made = [_plot_loss_curves(records, grid, out_dir, baseline), _plot_lr_sensitivity(records, out_dir, baseline)]
+    dense_depths = sorted({r["layers"] for r in records if r["experts"] == 0})
+    if len(dense_depths) > 1:
+        made.append(_plot_loss_vs_depth(records, dense_depths, out_dir, baseline))
+    depths = sorted({grid.sweep_layers, dense_depths[-1]} & set(dense_depths)) if dense_depths else []
+    for when in ("init", "end") if depths else ():
+        made.append(_plot_per_layer(records, depths, when, out_dir))
+    if _is_depth_study(records):
+        made.append(plot_depth(records, out_dir, baseline))
+    return made
+
+
+def _plot_loss_curves(records: list[dict], grid: Grid, out_dir: Path, baseline: float) -> Path:
+    """loss_curves.png: training-loss curves at the sweep depth, every arm at its own best lr, then one panel per
+    learning rate that most arms ran at (an lr only a few arms ran would be a near-empty panel)."""
+    plt = _pyplot()
     groups = _group(records)
     arms = _arms_in(records)
-    made = []
-
-    # Training-loss curves at the sweep depth: every arm at its own best lr, then one panel per learning rate
-    # that most arms ran at.
     sweep = [r for r in records if r["layers"] == grid.sweep_layers and r["experts"] == 0]
     arms_at = defaultdict(set)
     for r in sweep:
@@ -1144,11 +1182,18 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
     axes[0][0].set_ylabel("train loss (nats/byte, mean over seeds)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    made.append(out_dir / "loss_curves.png")
-    _save(fig, made[-1])
+    path = out_dir / "loss_curves.png"
+    _save(fig, path)
     plt.close(fig)
+    return path
 
-    # LR sensitivity: final val loss vs lr, every depth and MoE setting that ran more than one learning rate.
+
+def _plot_lr_sensitivity(records: list[dict], out_dir: Path, baseline: float) -> Path:
+    """lr_sensitivity.png: final val loss vs lr, one panel per depth and MoE setting that ran more than one learning
+    rate (every setting if none did): how wide each arm's usable window is."""
+    plt = _pyplot()
+    groups = _group(records)
+    arms = _arms_in(records)
     lrs_of = defaultdict(set)
     for r in records:
         lrs_of[(r["layers"], r["experts"])].add(r["lr"])
@@ -1172,84 +1217,87 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
         ax.set_ylim(*_ylim(ax))
     axes[0][0].set_ylabel("val loss (mean ± std over seeds)")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    made.append(out_dir / "lr_sensitivity.png")
-    _save(fig, made[-1])
+    path = out_dir / "lr_sensitivity.png"
+    _save(fig, path)
     plt.close(fig)
+    return path
 
-    # Final loss vs depth: each arm at its own best learning rate per depth, then one panel per learning rate that
-    # more than one depth ran at.
-    dense_depths = sorted({r["layers"] for r in records if r["experts"] == 0})
+
+def _plot_loss_vs_depth(records: list[dict], dense_depths: list[int], out_dir: Path, baseline: float) -> Path:
+    """loss_vs_depth.png: final val loss vs depth (dense), each arm at its own best learning rate per depth, then one
+    panel per learning rate that more than one depth ran at (the same lr at every depth, as a user would keep it)."""
+    plt = _pyplot()
+    groups = _group(records)
+    arms = _arms_in(records)
     best_at = {layers: best_lrs(records, layers) for layers in dense_depths}
     depth_lrs = sorted(
         lr
         for lr in {r["lr"] for r in records if r["experts"] == 0}
         if len({r["layers"] for r in records if r["experts"] == 0 and r["lr"] == lr}) > 1
     )
-    if len(dense_depths) > 1:
-        panels = [None, *depth_lrs]
-        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-        for ax, lr in zip(axes[0], panels, strict=True):
-            for arm in arms:
-                pts = [
-                    (layers, groups[key])
-                    for layers in dense_depths
-                    if (key := (arm, layers, 0, best_at[layers].get(arm) if lr is None else lr)) in groups
-                ]
-                if len(pts) < 2:
-                    continue
-                _mean_std_series(ax, pts, arm)
-            ax.axhline(baseline, color="gray", lw=0.8, ls=":", label="unigram loss")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(dense_depths, labels=[str(d) for d in dense_depths])
-            ax.set_xlabel("layers")
-            ax.set_title(f"dense, {'each arm at its best lr' if lr is None else f'lr {lr:g}'}: val loss vs depth")
-            ax.set_ylim(*_ylim(ax))
-        axes[0][0].set_ylabel("val loss (mean ± std over seeds)")
-        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-        made.append(out_dir / "loss_vs_depth.png")
-        _save(fig, made[-1])
-        plt.close(fig)
+    panels = [None, *depth_lrs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, lr in zip(axes[0], panels, strict=True):
+        for arm in arms:
+            pts = [
+                (layers, groups[key])
+                for layers in dense_depths
+                if (key := (arm, layers, 0, best_at[layers].get(arm) if lr is None else lr)) in groups
+            ]
+            if len(pts) < 2:
+                continue
+            _mean_std_series(ax, pts, arm)
+        ax.axhline(baseline, color="gray", lw=0.8, ls=":", label="unigram loss")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(dense_depths, labels=[str(d) for d in dense_depths])
+        ax.set_xlabel("layers")
+        ax.set_title(f"dense, {'each arm at its best lr' if lr is None else f'lr {lr:g}'}: val loss vs depth")
+        ax.set_ylim(*_ylim(ax))
+    axes[0][0].set_ylabel("val loss (mean ± std over seeds)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    path = out_dir / "loss_vs_depth.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
-    # Per-layer statistics at the sweep depth and the deepest dense depth, at init and at the end of training,
-    # each arm at its own best learning rate there (the fair protocol; the table has every other lr).
-    depths = sorted({grid.sweep_layers, dense_depths[-1]} & set(dense_depths)) if dense_depths else []
-    for when in ("init", "end") if depths else ():
-        fig, axes = plt.subplots(len(depths), 3, figsize=(15, 3.8 * len(depths)), squeeze=False)
-        for row, layers in zip(axes, depths, strict=True):
-            best = best_lrs(records, layers)
-            for arm in arms:
-                runs = [r for r in groups.get((arm, layers, 0, best.get(arm)), []) if r[when] is not None]
-                if not runs:
-                    continue
-                for ax, stat in zip(row, ("rms", "grad", "cos"), strict=True):
-                    series = [r[when][stat] for r in runs]
-                    mean = [_nanmean(col) for col in zip(*series, strict=True)]
-                    label = f"{arm} lr {best[arm]:g} (n={len(runs)})"
-                    ax.plot(range(layers), mean, label=label, **_style(arm))
-            titles = ("block output RMS", "block gradient norm", "cos(block input, output)")
-            for ax, title in zip(row, titles, strict=True):
-                ax.set_title(f"{title}\n({when}, L={layers} dense, each arm at its best lr)", fontsize=9)
-                ax.set_xlabel("layer index")
-            row[0].set_yscale("log")
-            row[1].set_yscale("log")
-            row[2].legend(fontsize=7)
-        fig.tight_layout()
-        made.append(out_dir / f"per_layer_{when}.png")
-        _save(fig, made[-1])
-        plt.close(fig)
-    if _is_depth_study(records):
-        made.append(plot_depth(records, out_dir, baseline))
-    return made
+
+def _plot_per_layer(records: list[dict], depths: list[int], when: str, out_dir: Path) -> Path:
+    """per_layer_{when}.png: per-block output RMS, gradient norm and input/output cosine at `when` ("init" or
+    "end"), one row per depth, each arm at its own best learning rate there (the fair protocol; the table has
+    every other lr)."""
+    plt = _pyplot()
+    groups = _group(records)
+    arms = _arms_in(records)
+    fig, axes = plt.subplots(len(depths), 3, figsize=(15, 3.8 * len(depths)), squeeze=False)
+    for row, layers in zip(axes, depths, strict=True):
+        best = best_lrs(records, layers)
+        for arm in arms:
+            runs = [r for r in groups.get((arm, layers, 0, best.get(arm)), []) if r[when] is not None]
+            if not runs:
+                continue
+            for ax, stat in zip(row, ("rms", "grad", "cos"), strict=True):
+                series = [r[when][stat] for r in runs]
+                mean = [_nanmean(col) for col in zip(*series, strict=True)]
+                label = f"{arm} lr {best[arm]:g} (n={len(runs)})"
+                ax.plot(range(layers), mean, label=label, **_style(arm))
+        titles = ("block output RMS", "block gradient norm", "cos(block input, output)")
+        for ax, title in zip(row, titles, strict=True):
+            ax.set_title(f"{title}\n({when}, L={layers} dense, each arm at its best lr)", fontsize=9)
+            ax.set_xlabel("layer index")
+        row[0].set_yscale("log")
+        row[1].set_yscale("log")
+        row[2].legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / f"per_layer_{when}.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
 
 def plot_depth(records: list[dict], out_dir: Path, baseline: float = math.nan, base_layers: int = 6) -> Path:
     """depth_transfer.png: per arm, best learning rate vs depth, and loss vs depth at its own best and at the
     learning rate that was its best at L=6 (dense; a partial grid draws the points it has)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     cells = depth_cells(records, baseline, base_layers)
     groups = _group(records)
     depths = sorted({r["layers"] for r in records if r["experts"] == 0})
