@@ -57,6 +57,23 @@ def test_depth_grid_plan():
     assert {s.lr for s in runs[203:]} == set(compare.DEPTH_EDGE_LRS)
 
 
+def test_long_grid_is_the_depth_grid_run_four_times_longer():
+    """Issue 10 item 5: the same model and protocol as the depth grid but 4x the steps, at L = 24, one run per arm at
+    its chosen learning rate; a follow-up, so its report carries no verdict."""
+    long, depth = compare.GRIDS["depth-long"], compare.GRIDS["depth"]
+    assert long.shape() == {**depth.shape(), "steps": 4 * depth.steps}
+    assert long.verdict == "none" and depth.verdict == "depth" and compare.GRIDS["full"].verdict == "scaling"
+    runs = long.runs()
+    assert {(s.layers, s.experts, s.seed) for s in runs} == {(24, 0, 0)}
+    assert {(s.arm, s.lr) for s in runs} == {
+        ("pre", 2e-3),
+        ("peri", 2e-3),
+        ("span", 4e-3),
+        ("span", 8e-3),
+        ("span-mup", 8e-3),
+    }
+
+
 def test_old_grids_keep_seed_major_order():
     runs = compare.GRIDS["full"].runs()
     assert [s.seed for s in runs] == sorted(s.seed for s in runs)
@@ -213,6 +230,7 @@ TINY = compare.Grid(
     batch_size=4,
     eval_batches=2,
     sweep_layers=3,
+    verdict="depth",
 )
 
 

@@ -164,6 +164,7 @@ class Grid:
     warmup_frac: float = 0.1
     eval_batches: int = 8
     sweep_layers: int = 12  # depth of the LR sweep that picks each arm's best LR
+    verdict: str = "scaling"  # the pre-registered verdict the report ends with: "scaling", "depth" or "none"
 
     def runs(self) -> list[RunSpec]:
         if self.order not in ("seed", "section"):
@@ -189,7 +190,7 @@ class Grid:
     def shape(self) -> dict:
         """The fields every record of this grid must share (checked when resuming). The run order is not one of
         them: it changes which runs come first, not what a run is."""
-        skip = {"name", "sections", "seeds", "order"}
+        skip = {"name", "sections", "seeds", "order", "verdict"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
@@ -284,7 +285,16 @@ GRIDS: dict[str, Grid] = {
         ffn=344,
     ),
     # Issue 10: does the best learning rate hold from L=6 to L=48? See the comment above DEPTH_SECTIONS.
-    "depth": Grid("depth", sections=DEPTH_SECTIONS, seeds=(0, 1, 2), order="section", width=128, heads=4, ffn=344),
+    "depth": Grid(
+        "depth",
+        sections=DEPTH_SECTIONS,
+        seeds=(0, 1, 2),
+        order="section",
+        width=128,
+        heads=4,
+        ffn=344,
+        verdict="depth",
+    ),
     # Issue 10 item 5: does the gap to PreNorm hold over a 4x longer run, and do stuck runs ever leave the plateau?
     # L = 24, 800 steps, seed 0; learning rates chosen 2026-12-01 from the depth grid's seed-0 runs at L = 24 (the
     # best of 2e-3/4e-3/8e-3 per arm): PreNorm and Peri-LN at 2e-3, the two best SpanNorm rules at theirs (DeepNet
@@ -301,6 +311,7 @@ GRIDS: dict[str, Grid] = {
         heads=4,
         ffn=344,
         steps=800,
+        verdict="none",  # a follow-up at chosen learning rates: no learning-rate sweep to decide on
     ),
 }
 
@@ -654,9 +665,9 @@ def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) 
         lines.append("")
     lines += _summary(records), ""
     lines += _headline(records, grid), ""
-    if _is_depth_study(records):  # its own verdict; the span vs span-init one would be empty there
+    if grid.verdict == "depth":
         lines += _depth_tables(records, grid, baseline), ""
-    else:
+    elif grid.verdict == "scaling":
         lines += _verdict_table(records), ""
     lines += _grad_table(records, grid), ""
     lines += ["## Arms", ""] + [f"- `{a}`: {ARMS[a].label} (norm_scheme `{ARMS[a].norm_scheme}`)" for a in arms]
@@ -665,11 +676,6 @@ def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) 
 
 def _num(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) else "—"
-
-
-def _is_depth_study(records: list[dict]) -> bool:
-    """Whether the records hold a depth-rule arm: then the report adds the depth-transfer tables and plot."""
-    return any(r["arm"] in DEPTH_RULE_ARMS[1:] for r in records)
 
 
 def _summary(records: list[dict]) -> str:
@@ -1143,29 +1149,32 @@ def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = m
     depths = sorted({grid.sweep_layers, dense_depths[-1]} & set(dense_depths)) if dense_depths else []
     for when in ("init", "end") if depths else ():
         made.append(_plot_per_layer(records, depths, when, out_dir))
-    if _is_depth_study(records):
+    if grid.verdict == "depth":
         made.append(plot_depth(records, out_dir, baseline))
     return made
 
 
 def _plot_loss_curves(records: list[dict], grid: Grid, out_dir: Path, baseline: float) -> Path:
-    """loss_curves.png: training-loss curves at the sweep depth, every arm at its own best lr, then one panel per
-    learning rate that most arms ran at (an lr only a few arms ran would be a near-empty panel)."""
+    """loss_curves.png: training-loss curves at the sweep depth (a grid without it: its deepest dense depth), every
+    arm at its own best lr, then one panel per learning rate that most arms ran at (an lr only a few arms ran would
+    be a near-empty panel)."""
     plt = _pyplot()
     groups = _group(records)
     arms = _arms_in(records)
-    sweep = [r for r in records if r["layers"] == grid.sweep_layers and r["experts"] == 0]
+    dense_depths = {r["layers"] for r in records if r["experts"] == 0}
+    layers = grid.sweep_layers if grid.sweep_layers in dense_depths or not dense_depths else max(dense_depths)
+    sweep = [r for r in records if r["layers"] == layers and r["experts"] == 0]
     arms_at = defaultdict(set)
     for r in sweep:
         arms_at[r["lr"]].add(r["arm"])
     common = max((len(a) for a in arms_at.values()), default=0)
     lrs = sorted(lr for lr, a in arms_at.items() if 2 * len(a) >= common)
-    best = best_lrs(records, grid.sweep_layers)
+    best = best_lrs(records, layers)
     panels = [("best", None)] + [(f"lr {lr:g}", lr) for lr in lrs]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), sharey=True, squeeze=False)
     for ax, (title, lr) in zip(axes[0], panels, strict=True):
         for arm in arms:
-            runs = groups.get((arm, grid.sweep_layers, 0, best.get(arm) if lr is None else lr))
+            runs = groups.get((arm, layers, 0, best.get(arm) if lr is None else lr))
             if not runs:
                 continue
             curves = [r["train_curve"] for r in runs]
@@ -1174,7 +1183,7 @@ def _plot_loss_curves(records: list[dict], grid: Grid, out_dir: Path, baseline: 
             steps = [i * runs[0]["curve_every"] for i in range(n)]
             ax.plot(steps, mean, label=arm, **_style(arm))
         ax.axhline(baseline, color="gray", lw=0.8, ls=":")
-        ax.set_title(f"L={grid.sweep_layers} dense, {'each at its best lr' if lr is None else title}", fontsize=9)
+        ax.set_title(f"L={layers} dense, {'each at its best lr' if lr is None else title}", fontsize=9)
         ax.set_xlabel("step")
     ys = [y for ax in axes[0] for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
     if ys:  # a partial grid may have no run at the sweep depth yet
