@@ -215,11 +215,16 @@ class SpanNormAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def scaled_skip(a: float | torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """a x + f as one `torch.add` when `a` is a number: one rounding, as every published result was computed."""
+    return torch.add(f, x, alpha=a) if isinstance(a, (int, float)) else f + a * x
+
+
 def span_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
     """SpanNorm: y = N_attn(a x + Attn(u)), x' = N_ffn(a x + FFN(y)), u = N_in(x) in block 0 only."""
     a = layer.skip_scale
-    y = layer.post_attention_layernorm(a * x + attn(layer.input_layernorm(x)))
-    return layer.post_feedforward_layernorm(a * x + layer.mlp(y))
+    y = layer.post_attention_layernorm(scaled_skip(a, x, attn(layer.input_layernorm(x))))
+    return layer.post_feedforward_layernorm(scaled_skip(a, x, layer.mlp(y)))
 
 
 def pre_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
@@ -231,8 +236,8 @@ def pre_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) ->
 def post_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
     """PostNorm (and DeepNorm with a != 1): h = N1(a x + Attn(x)), x' = N2(a h + FFN(h))."""
     a = layer.skip_scale
-    h = layer.post_attention_layernorm(a * x + attn(x))
-    return layer.post_feedforward_layernorm(a * h + layer.mlp(h))
+    h = layer.post_attention_layernorm(scaled_skip(a, x, attn(x)))
+    return layer.post_feedforward_layernorm(scaled_skip(a, h, layer.mlp(h)))
 
 
 def peri_block(layer: "SpanNormDecoderLayer", x: torch.Tensor, attn: Callable) -> torch.Tensor:
