@@ -200,6 +200,10 @@ class SpanNormConfig(PreTrainedConfig):
         first_k_dense_layers (`int`, defaults to 0):
             Keep the first k layers dense in an MoE model.
 
+    Validation is transformers' (`@strict`): a value of the wrong type or out of range raises huggingface_hub's
+    `StrictDataclassError` naming the field, on construction and on assignment; the rules between fields
+    (`validate_*`) run after construction, at `save_pretrained` and when a model is built.
+
     Example:
 
     ```python
