@@ -53,8 +53,13 @@ def test_depth_grid_plan():
     assert {s.seed for s in third} == {2} and {s.arm for s in third} == set(compare.DEPTH_RULE_ARMS)
     assert {(s.layers, s.experts) for s in third} == {(6, 0), (12, 0), (24, 0)}
     assert all(s.seed < 2 for s in runs[:110] + runs[143:])
-    assert {(s.layers, s.experts) for s in runs[143:203]} == {(48, 0), (12, 4)}
-    assert {s.lr for s in runs[203:]} == set(compare.DEPTH_EDGE_LRS)
+    brackets = runs[143:147]  # the verdict's brackets: one x2 step past each rule's best where it sat at an edge
+    assert {(s.arm, s.layers, s.lr) for s in brackets} == {("span", 6, 1.6e-2), ("span-completep", 24, 3.2e-2)}
+    deep = runs[147:207]  # L=48 and MoE: seed 0 of both before seed 1 of either
+    assert [s.seed for s in deep] == [0] * 30 + [1] * 30
+    shapes = {(48, 0), (12, 4)}
+    assert {(s.layers, s.experts) for s in deep[:30]} == {(s.layers, s.experts) for s in deep[30:]} == shapes
+    assert {s.lr for s in runs[207:]} == set(compare.DEPTH_EDGE_LRS)
 
 
 def test_long_grid_is_the_depth_grid_run_four_times_longer():

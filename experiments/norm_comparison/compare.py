@@ -214,8 +214,11 @@ VERDICT_SEEDS = (0, 1, 2)
 #      which runs come first, not what a run is): 1.6e-2 for depth-muP and CompleteP, whose best sat at 8e-3 at
 #      every verdict depth, and 1e-3 for PreNorm and Peri-LN, whose best sat at 2e-3 at L = 12 and 24;
 #   3. a third seed at the cells that decide the default (the SpanNorm rules at L = 6, 12, 24, edges included);
-#   4. L = 48 and MoE L = 12, same learning rates, seeds 0, 1;
-#   5. the remaining edge learning rates everywhere, seeds 0, 1.
+#   4. the brackets the verdict asks for after sections 1-2 (added 2026-12-01, after 105 runs): 1.6e-2 for DeepNet's
+#      rule at L = 6 (best at 8e-3) and 3.2e-2 for CompleteP at L = 24 (best at 1.6e-2);
+#   5. L = 48 and MoE L = 12, same learning rates, seed 0 of both before seed 1 of either (so a session that ends
+#      mid-section still has every depth on one seed);
+#   6. the remaining edge learning rates everywhere, seeds 0, 1.
 # Cost, measured 2026-12-01 (CPU seconds of one 200-step run on one thread, from 20- and 40-step runs, so jobs sharing
 # the cores do not count): L=6 48 s, L=12 105 s, L=24 218 s, L=48 350-430 s (noisy; ~linear in L), MoE L=12 138 s.
 # Sections 1-3: 143 runs, about 5 h on one idle core; all: 283 runs, about 14 h. On the shared 2-core VM the wall
@@ -226,8 +229,12 @@ DEPTH_SECTIONS = (
     Section(("pre", "peri"), (12, 24), (1e-3,), seeds=(0, 1)),
     Section(DEPTH_RULE_ARMS, VERDICT_DEPTHS, DEPTH_LRS, seeds=(2,)),
     Section(("span-mup", "span-completep"), VERDICT_DEPTHS, (1.6e-2,), seeds=(2,)),
-    Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(0, 1)),
-    Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(0, 1)),
+    Section(("span",), (6,), (1.6e-2,), seeds=(0, 1)),
+    Section(("span-completep",), (24,), (3.2e-2,), seeds=(0, 1)),
+    Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(0,)),
+    Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(0,)),
+    Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(1,)),
+    Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(1,)),
     Section(DEPTH_ARMS, VERDICT_DEPTHS + (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),
     Section(DEPTH_ARMS, (12,), DEPTH_EDGE_LRS, experts=4, seeds=(0, 1)),
 )
