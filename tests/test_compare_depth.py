@@ -76,6 +76,19 @@ def test_long_grid_is_the_depth_grid_run_four_times_longer():
         ("span", 4e-3),
         ("span", 8e-3),
         ("span-mup", 8e-3),
+        ("span-completep", 1.6e-2),
+    }
+
+
+def test_plateau_grid_starts_like_the_stuck_runs():
+    """The stuck 200-step runs' warmup (20 steps) and peak learning rate, then 4x the steps."""
+    plateau, depth = compare.GRIDS["depth-plateau"], compare.GRIDS["depth"]
+    assert plateau.shape() == {**depth.shape(), "steps": 800, "warmup_frac": 0.025}
+    assert plateau.steps * plateau.warmup_frac == depth.steps * depth.warmup_frac == 20
+    runs = plateau.runs()
+    assert {(s.arm, s.layers, s.experts, s.lr, s.seed) for s in runs} == {
+        ("span", 24, 0, 8e-3, 0),
+        ("span-mup", 24, 0, 1.6e-2, 0),
     }
 
 

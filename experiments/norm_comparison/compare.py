@@ -305,13 +305,15 @@ GRIDS: dict[str, Grid] = {
     # Issue 10 item 5: does the gap to PreNorm hold over a 4x longer run, and do stuck runs ever leave the plateau?
     # L = 24, 800 steps, seed 0; learning rates chosen 2026-12-01 from the depth grid's seed-0 runs at L = 24 (the
     # best of 2e-3/4e-3/8e-3 per arm): PreNorm and Peri-LN at 2e-3, the two best SpanNorm rules at theirs (DeepNet
-    # 4e-3, depth-muP 8e-3), and DeepNet at 8e-3, where seed 0 stuck at the unigram loss after 200 steps.
+    # 4e-3, depth-muP 8e-3), and DeepNet at 8e-3, where seed 0 stuck at the unigram loss after 200 steps. Added
+    # after the depth grid's seeds 0 and 1 at L = 24 (105 runs): CompleteP at its two-seed best there, 1.6e-2.
     "depth-long": Grid(
         "depth-long",
         sections=(
             Section(("pre", "peri"), (24,), (2e-3,)),
             Section(("span",), (24,), (4e-3, 8e-3)),
             Section(("span-mup",), (24,), (8e-3,)),
+            Section(("span-completep",), (24,), (1.6e-2,)),
         ),
         seeds=(0,),
         width=128,
@@ -319,6 +321,21 @@ GRIDS: dict[str, Grid] = {
         ffn=344,
         steps=800,
         verdict="none",  # a follow-up at chosen learning rates: no learning-rate sweep to decide on
+    ),
+    # Issue 10 item 5, second half: does a run that is stuck at the unigram loss ever leave the plateau? The two
+    # settings of the depth grid where seed 0 stuck at L = 24 (DeepNet at 8e-3, depth-muP at 1.6e-2), with the
+    # 200-step runs' 20 warmup steps (warmup_frac 0.025 of 800) so the start is the one that stuck, then 4x the
+    # steps: the learning rate stays near its peak through step 200 instead of decaying to zero.
+    "depth-plateau": Grid(
+        "depth-plateau",
+        sections=(Section(("span",), (24,), (8e-3,)), Section(("span-mup",), (24,), (1.6e-2,))),
+        seeds=(0,),
+        width=128,
+        heads=4,
+        ffn=344,
+        steps=800,
+        warmup_frac=0.025,
+        verdict="none",
     ),
 }
 
@@ -644,7 +661,7 @@ def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) 
         f"# Norm-scheme comparison ({grid.name} grid)",
         "",
         f"Byte-level LM on one text; d={grid.width}, {grid.heads} heads, FFN {grid.ffn}, {grid.steps} steps x "
-        f"{grid.batch_size} x {grid.seq_len} bytes, AdamW (0.9, 0.95, wd 0.1), {grid.warmup_frac:.0%} warmup + "
+        f"{grid.batch_size} x {grid.seq_len} bytes, AdamW (0.9, 0.95, wd 0.1), {100 * grid.warmup_frac:g}% warmup + "
         f"cosine, clip 1.0. Validation loss in nats/byte, mean ± std over seeds {seeds}; `k/n div` = seeds "
         f"with a non-finite loss or a training loss that ended > {UNRECOVERED_NATS} nat above its best; `stuck` = "
         f"ended within {STUCK_NATS} nat of the unigram (byte-frequency) loss {baseline:.3f}, i.e. did not train; "
