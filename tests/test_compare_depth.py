@@ -55,10 +55,10 @@ def test_depth_grid_plan():
     assert all(s.seed < 2 for s in runs[:110] + runs[143:])
     brackets = runs[143:147]  # the verdict's brackets: one x2 step past each rule's best where it sat at an edge
     assert {(s.arm, s.layers, s.lr) for s in brackets} == {("span", 6, 1.6e-2), ("span-completep", 24, 3.2e-2)}
-    deep = runs[147:207]  # L=48 and MoE: seed 0 of both before seed 1 of either
-    assert [s.seed for s in deep] == [0] * 30 + [1] * 30
-    shapes = {(48, 0), (12, 4)}
-    assert {(s.layers, s.experts) for s in deep[:30]} == {(s.layers, s.experts) for s in deep[30:]} == shapes
+    deep = runs[147:207]  # L=48 seed 0, MoE seeds 0 and 1, L=48 seed 1
+    assert [(s.layers, s.experts, s.seed) for s in deep[::15]] == [(48, 0, 0), (12, 4, 0), (12, 4, 1), (48, 0, 1)]
+    for i in range(0, 60, 15):
+        assert len({(s.layers, s.experts, s.seed) for s in deep[i : i + 15]}) == 1
     assert {s.lr for s in runs[207:]} == set(compare.DEPTH_EDGE_LRS)
 
 

@@ -216,8 +216,8 @@ VERDICT_SEEDS = (0, 1, 2)
 #   3. a third seed at the cells that decide the default (the SpanNorm rules at L = 6, 12, 24, edges included);
 #   4. the brackets the verdict asks for after sections 1-2 (added 2026-12-01, after 105 runs): 1.6e-2 for DeepNet's
 #      rule at L = 6 (best at 8e-3) and 3.2e-2 for CompleteP at L = 24 (best at 1.6e-2);
-#   5. L = 48 and MoE L = 12, same learning rates, seed 0 of both before seed 1 of either (so a session that ends
-#      mid-section still has every depth on one seed);
+#   5. L = 48 and MoE L = 12, same learning rates: L = 48 seed 0, MoE seeds 0 and 1, then L = 48 seed 1 (a session
+#      that ends mid-section has every depth on one seed, and MoE's 1/3 the cost of L = 48 buys its second seed first);
 #   6. the remaining edge learning rates everywhere, seeds 0, 1.
 # Cost, measured 2026-12-01 (CPU seconds of one 200-step run on one thread, from 20- and 40-step runs, so jobs sharing
 # the cores do not count): L=6 48 s, L=12 105 s, L=24 218 s, L=48 350-430 s (noisy; ~linear in L), MoE L=12 138 s.
@@ -233,8 +233,8 @@ DEPTH_SECTIONS = (
     Section(("span-completep",), (24,), (3.2e-2,), seeds=(0, 1)),
     Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(0,)),
     Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(0,)),
-    Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(1,)),
     Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(1,)),
+    Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(1,)),
     Section(DEPTH_ARMS, VERDICT_DEPTHS + (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),
     Section(DEPTH_ARMS, (12,), DEPTH_EDGE_LRS, experts=4, seeds=(0, 1)),
 )
