@@ -396,7 +396,8 @@ def train_batches(train: torch.Tensor, grid: Grid, seed: int) -> Iterable[torch.
 def build_model(spec: RunSpec, grid: Grid) -> SpanNormForCausalLM:
     """The arm's model, initialised from `spec.seed`."""
     arm = ARMS[spec.arm]
-    config = SpanNormConfig(
+    moe = {"num_experts_per_tok": grid.experts_per_tok, "moe_intermediate_size": grid.ffn // grid.experts_per_tok}
+    config = SpanNormConfig(  # MoE: the active FFN width (top-k x expert width) equals the dense FFN's
         vocab_size=VOCAB,
         hidden_size=grid.width,
         intermediate_size=grid.ffn,
@@ -407,8 +408,7 @@ def build_model(spec: RunSpec, grid: Grid) -> SpanNormForCausalLM:
         residual_scale=arm.residual_scale,
         branch_init_gain=arm.branch_init_gain,
         num_experts=spec.experts,
-        num_experts_per_tok=grid.experts_per_tok,
-        moe_intermediate_size=grid.ffn // grid.experts_per_tok,  # active FFN width = the dense FFN's
+        **(moe if spec.experts else {}),
         pad_token_id=None,
         bos_token_id=None,
         eos_token_id=None,
