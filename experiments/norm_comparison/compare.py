@@ -214,8 +214,9 @@ VERDICT_SEEDS = (0, 1, 2)
 #      which runs come first, not what a run is): 1.6e-2 for depth-muP and CompleteP, whose best sat at 8e-3 at
 #      every verdict depth, and 1e-3 for PreNorm and Peri-LN, whose best sat at 2e-3 at L = 12 and 24;
 #   3. a third seed at the cells that decide the default (the SpanNorm rules at L = 6, 12, 24, edges included);
-#   4. the brackets the verdict asks for after sections 1-2 (added 2026-12-01, after 105 runs): 1.6e-2 for DeepNet's
-#      rule at L = 6 (best at 8e-3) and 3.2e-2 for CompleteP at L = 24 (best at 1.6e-2);
+#   4. the brackets the verdict asks for (added 2026-12-01 as they appeared, after 105 and 141 runs): 1.6e-2 for
+#      DeepNet's rule at L = 6 (best at 8e-3) and 3.2e-2 for CompleteP at L = 24 and, once the third seed moved its
+#      best there to 1.6e-2, at L = 6;
 #   5. L = 48 and MoE L = 12, same learning rates: L = 48 seed 0, MoE seeds 0 and 1, then L = 48 seed 1 (a session
 #      that ends mid-section has every depth on one seed, and MoE's 1/3 the cost of L = 48 buys its second seed first);
 #   6. the remaining edge learning rates everywhere, seeds 0, 1.
@@ -230,7 +231,7 @@ DEPTH_SECTIONS = (
     Section(DEPTH_RULE_ARMS, VERDICT_DEPTHS, DEPTH_LRS, seeds=(2,)),
     Section(("span-mup", "span-completep"), VERDICT_DEPTHS, (1.6e-2,), seeds=(2,)),
     Section(("span",), (6,), (1.6e-2,), seeds=(0, 1)),
-    Section(("span-completep",), (24,), (3.2e-2,), seeds=(0, 1)),
+    Section(("span-completep",), (6, 24), (3.2e-2,), seeds=(0, 1)),
     Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(0,)),
     Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(0,)),
     Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(1,)),
