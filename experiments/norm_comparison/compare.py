@@ -81,7 +81,7 @@ class Arm:
 
     name: str
     norm_scheme: str
-    residual_scale: float | str = "auto"
+    residual_scale: float | str = "auto"  # pins DeepNet's a for span arms (the default when the old grids ran)
     branch_init_gain: float | str | None = "auto"
     learnable_skip: bool = False
     block: Callable | None = None
@@ -96,7 +96,7 @@ ARMS: dict[str, Arm] = {
         Arm("deepnorm", "deepnorm", label="DeepNorm"),
         Arm("peri", "peri", label="Peri-LN"),
         Arm("hybrid", "hybrid", label="HybridNorm"),
-        Arm("span", "span", label="SpanNorm, DeepNet a,b (shipped default)"),
+        Arm("span", "span", label="SpanNorm, DeepNet a,b (the default before the depth study)"),
         Arm("span-plain", "span", 1.0, None, label="SpanNorm, a=1, plain init"),
         Arm("span-init", "span", 1.0, "auto", label="SpanNorm, a=1, b=(8L)^-1/4"),
         Arm("span-learn", "span", "auto", "auto", learnable_skip=True, label="SpanNorm, DeepNet a,b, a learnable"),
@@ -104,7 +104,7 @@ ARMS: dict[str, Arm] = {
         Arm("span-clean", "peri", block=_clean_block, label="SPEC 6: clean across blocks, c=1/sqrt(L)"),
         # Depth rules (issue 10), both with DeepNet's init gain b like `span`, so the three SpanNorm arms of the
         # depth grid differ in `residual_scale` alone.
-        Arm("span-mup", "span", "depth_mup", "deepnet", label="SpanNorm, a=(2L)^1/2 (depth-muP), b=(8L)^-1/4"),
+        Arm("span-mup", "span", "depth_mup", "deepnet", label="SpanNorm, a=(2L)^1/2 (depth-muP; default), b=(8L)^-1/4"),
         Arm("span-completep", "span", "completep", "deepnet", label="SpanNorm, a=2L (CompleteP), b=(8L)^-1/4"),
     )
 }
