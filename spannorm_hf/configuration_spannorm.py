@@ -43,8 +43,14 @@ SCALED_SCHEMES = ("span", "deepnorm")
 # Named depth rules for the skip scale, as the exponent alpha of `a = (2 L) ** alpha` (L = num_hidden_layers; 2L
 # counts the normalized sums, attention and FFN, as DeepNet does). RMSNorm is scale-invariant, N(a x + F) =
 # N(x + F / a), so `a` is a branch multiplier 1 / a: "deepnet" damps each block's update as L^(-1/4), "depth_mup" as
-# depth-muP's 1 / sqrt(L), "completep" as CompleteP's 1 / L. "auto" is "deepnet" (the default of every saved config).
+# depth-muP's 1 / sqrt(L), "completep" as CompleteP's 1 / L. "auto" is "deepnet" under its first name: the default
+# until the depth study, so every config saved before it holds "auto", which must keep meaning DeepNet's `a`.
 RESIDUAL_SCALE_RULES = {"auto": 0.25, "deepnet": 0.25, "depth_mup": 0.5, "completep": 1.0}
+# The rule a config gets when `residual_scale` is not given (None), by scheme: for `span` the one the depth study's
+# pre-registered rule chose (experiments/norm_comparison, `compare.depth_verdict`), for `deepnorm` DeepNet's own;
+# other schemes have no skip scale. Resolved at construction, so a saved config names its rule and loads unchanged
+# whatever this table says later.
+DEFAULT_RESIDUAL_SCALE = {"span": "depth_mup", "deepnorm": "auto"}
 # Named depth rules for the branch init gain, as the exponent beta of `b = (8 L) ** beta`; "auto" is "deepnet".
 BRANCH_INIT_GAIN_RULES = {"auto": -0.25, "deepnet": -0.25}
 # Schemes whose token embeddings start at N(0, 1) (post-style: the residual stream is normalized to unit scale), not
@@ -162,28 +168,37 @@ class SpanNormConfig(PreTrainedConfig):
         norm_scheme (`str`, defaults to `"span"`):
             Where the RMSNorms sit: `"span"` (SpanNorm, arXiv 2601.22580), `"pre"`, `"post"`, `"deepnorm"`,
             `"peri"` (Peri-LN) or `"hybrid"` (HybridNorm). Everything else is identical across schemes.
-        residual_scale (`float` or `str`, defaults to `"auto"`):
+        residual_scale (`float`, `str` or `None`, defaults to `None`):
             The skip scale `a` of `span` and `deepnorm` blocks, `N(a * x + F(x))`: a positive number, or a named
             depth rule `a = (2 L) ** alpha` with L = `num_hidden_layers`. Because RMSNorm is scale-invariant,
-            `N(a x + F) = N(x + F / a)`, so `a` acts as a branch multiplier `1 / a`:
+            `N(a x + F) = N(x + F / a)`, so `a` acts as a branch multiplier `1 / a`. `None` becomes the scheme's
+            rule when the config is built: `"depth_mup"` for `span`, `"auto"` (DeepNet) for `deepnorm` and the
+            schemes without a skip scale; the config then stores and saves that name. Named rules:
 
             - `"deepnet"` (alpha = 1/4; DeepNet, arXiv 2203.00555): 1.861 at L=6, 3.130 at L=48.
             - `"depth_mup"` (alpha = 1/2; depth-muP's `1 / sqrt(L)` branch multiplier, Yang et al. 2023): 3.464 at
               L=6, 9.798 at L=48.
             - `"completep"` (alpha = 1; CompleteP's `1 / L` branch multiplier, Dey et al. 2025): 12 at L=6, 96 at
               L=48.
-            - `"auto"`: the same as `"deepnet"`, the default since the first release (kept so saved configs load
-              unchanged).
+            - `"auto"`: the same as `"deepnet"`, under the name every config saved before the depth study holds
+              (DeepNet's rule was `span`'s default until then), so those checkpoints load unchanged.
 
-            The name, not the number, is stored, so a saved config keeps its rule. Other schemes have no skip
-            scale and accept only `"auto"`.
+            How `span`'s default was chosen: a width-128 depth study (experiments/norm_comparison, grid `depth`:
+            byte-level LMs at L = 6, 12, 24, learning rates 2e-3 to 3.2e-2 on a x2 grid, 3 seeds) decided between
+            the three rules by a rule committed before the grid ran (`compare.depth_verdict`): no stuck seed at or
+            below the rule's best learning rate, then the smallest loss lost when L = 6's best learning rate is
+            used at L = 12 and 24. `"depth_mup"` lost nothing (its best stayed at 8e-3 at every depth), CompleteP
+            0.022 nats/byte on average, DeepNet's 0.783 (its L = 6 best, 8e-3, gets stuck from L = 12 on). Above
+            its best, depth-muP has a cliff: 1.6e-2 did not train on most seeds at every depth. The name, not the
+            number, is stored, so a saved config keeps its rule. Schemes without a skip scale accept only `"auto"`
+            (or `None`).
         branch_init_gain (`float`, `str` or `None`, defaults to `"auto"`):
             Xavier-normal init gain `b` of the branch output weights (v_proj, o_proj, MLP and expert weights;
             q/k get gain 1) in `span` and `deepnorm` blocks: a positive number, or the named rule `"deepnet"`,
             DeepNet's `(8 L) ** (-1 / 4)` (0.3799 at L=6, 0.2259 at L=48); `"auto"` is `"deepnet"`. `None` keeps the
-            plain `N(0, initializer_range)` init. Other schemes accept only `"auto"`. The pair of
-            defaults was kept over `residual_scale=1.0` by a pre-registered rule on the norm-scheme comparison
-            (experiments/norm_comparison/README.md): neither wins in a majority of settings.
+            plain `N(0, initializer_range)` init. Other schemes accept only `"auto"`. DeepNet's pair was kept
+            over `residual_scale=1.0` by an earlier pre-registered rule (width 32: neither won a majority of
+            settings); the depth study kept this `b` in every arm and varied `a` alone.
         num_experts (`int`, defaults to 0):
             Routed experts per sparse layer; 0 builds a dense model, whose config has none of the MoE settings below
             (reading one raises `AttributeError`, as on a Llama config).
@@ -255,7 +270,7 @@ class SpanNormConfig(PreTrainedConfig):
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     norm_scheme: NormSchemeName = "span"
-    residual_scale: float | int | str = depth_rule(RESIDUAL_SCALE_RULES)(default="auto")
+    residual_scale: float | int | str | None = depth_rule(RESIDUAL_SCALE_RULES, allow_none=True)(default=None)
     branch_init_gain: float | int | str | None = depth_rule(BRANCH_INIT_GAIN_RULES, allow_none=True)(default="auto")
     num_experts: int = non_negative(default=0)
     num_experts_per_tok: int = positive(default=2)
@@ -272,6 +287,8 @@ class SpanNormConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.residual_scale is None:
+            self.residual_scale = DEFAULT_RESIDUAL_SCALE.get(self.norm_scheme, "auto")
         self._warn_unknown_keys(kwargs)
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
@@ -328,8 +345,8 @@ class SpanNormConfig(PreTrainedConfig):
                 "logits of std ~sqrt(hidden_size) at init; set tie_word_embeddings=False or norm_scheme 'pre'/'hybrid'",
             )
         for field in ("residual_scale", "branch_init_gain"):
-            if self.norm_scheme not in SCALED_SCHEMES and getattr(self, field) != "auto":
-                why = f"only the {SCALED_SCHEMES} schemes use it; norm_scheme={self.norm_scheme!r} takes 'auto'"
+            if self.norm_scheme not in SCALED_SCHEMES and getattr(self, field) not in ("auto", None):
+                why = f"only the {SCALED_SCHEMES} schemes use it; norm_scheme={self.norm_scheme!r} takes None or 'auto'"
                 raise invalid(self, field, why)
 
     def validate_experts(self) -> None:
@@ -346,9 +363,10 @@ class SpanNormConfig(PreTrainedConfig):
         """The resolved skip scale `a` (1.0 for schemes without one)."""
         if self.norm_scheme not in SCALED_SCHEMES:
             return 1.0
-        if isinstance(self.residual_scale, str):
-            return (2 * self.num_hidden_layers) ** RESIDUAL_SCALE_RULES[self.residual_scale]
-        return float(self.residual_scale)
+        rule = self.residual_scale if self.residual_scale is not None else DEFAULT_RESIDUAL_SCALE[self.norm_scheme]
+        if isinstance(rule, str):
+            return (2 * self.num_hidden_layers) ** RESIDUAL_SCALE_RULES[rule]
+        return float(rule)
 
     @property
     def branch_gain(self) -> float | None:

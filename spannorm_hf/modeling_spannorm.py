@@ -12,10 +12,11 @@ abstract. With x_0 the token embeddings and N an RMSNorm with a learnable gain:
     x_{l+1} = N_ffn(a * x_l + FFN(y_l))         # the skip from x_l spans both sublayers
     logits  = lm_head(x_L)                      # x_L is already normalized: no final norm
 
-The paper's "principled scaling strategy" is not published where we can read it. We ship DeepNet's
-bounded-update pair as the default: skip scale a = (2L)^(1/4) (`residual_scale`) and a Xavier-normal init
-gain b = (8L)^(-1/4) (`branch_init_gain`) on the branch output weights. Both take a number or a named depth rule
-(e.g. a ~ sqrt(L) or a ~ L; see `SpanNormConfig`), resolved by the config's `skip_scale` and `branch_gain`.
+The paper's "principled scaling strategy" is not published where we can read it. The default skip scale is
+depth-muP's a = (2L)^(1/2) (`residual_scale`, a branch multiplier 1/a since N is scale-invariant), chosen by a
+measured depth study, with DeepNet's Xavier-normal init gain b = (8L)^(-1/4) (`branch_init_gain`) on the branch
+output weights. Both take a number or a named depth rule (see `SpanNormConfig`), resolved by the config's
+`skip_scale` and `branch_gain`.
 
 All block wiring lives in `NORM_SCHEMES` next to the decoder layer; attention, MLP and experts know nothing
 about the scheme, and every norm is a plain RMSNorm module called on a sum computed outside it, so a serving

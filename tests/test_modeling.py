@@ -91,7 +91,7 @@ def test_scheme_init_gains_and_embeddings():
     assert down.std().item() == pytest.approx(b * math.sqrt(2 / (512 + 256)), rel=0.05)
     assert span.model.embed_tokens.weight[1:].std().item() == pytest.approx(1.0, rel=0.05)
     assert span.model.embed_tokens.weight[0].abs().sum() == 0  # padding row
-    pre = SpanNormForCausalLM(SpanNormConfig(**{**cfg.to_dict(), "norm_scheme": "pre"}))
+    pre = SpanNormForCausalLM(SpanNormConfig(**{**cfg.to_dict(), "norm_scheme": "pre", "residual_scale": None}))
     assert pre.model.layers[0].self_attn.v_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert pre.model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)
     plain = SpanNormForCausalLM(SpanNormConfig(**{**cfg.to_dict(), "branch_init_gain": None}))

@@ -1,6 +1,7 @@
 """Named depth rules for `residual_scale` and `branch_init_gain` (issue 10): the numbers the config docstring
 documents, what a built model uses, a save/reload round trip that keeps the name, and the errors."""
 
+import json
 import math
 
 import pytest
@@ -42,12 +43,34 @@ def test_branch_init_gain_rule_gives_the_documented_numbers(rule, layers):
 
 @pytest.mark.parametrize("layers", [6, 48])
 def test_auto_is_deepnet(layers):
+    """Every config saved before the depth study holds "auto": it must keep meaning DeepNet's pair."""
     auto, named = (
-        config(num_hidden_layers=layers),
+        config(num_hidden_layers=layers, residual_scale="auto", branch_init_gain="auto"),
         config(num_hidden_layers=layers, residual_scale="deepnet", branch_init_gain="deepnet"),
     )
-    assert (auto.residual_scale, auto.branch_init_gain) == ("auto", "auto")  # the default did not change
-    assert auto.skip_scale == named.skip_scale and auto.branch_gain == named.branch_gain  # same computation
+    assert auto.skip_scale == named.skip_scale == (2 * layers) ** 0.25  # same computation
+    assert auto.branch_gain == named.branch_gain
+
+
+@pytest.mark.parametrize("scheme,rule", [("span", "depth_mup"), ("deepnorm", "auto"), ("pre", "auto")])
+def test_default_skip_scale_is_resolved_and_saved_by_name(tmp_path, scheme, rule):
+    """Not given, `residual_scale` becomes the scheme's rule at construction and is saved by name, so a checkpoint
+    keeps its `a` if the default ever changes again; a config.json without the key gets today's default."""
+    cfg = config(num_hidden_layers=6, norm_scheme=scheme)
+    assert cfg.residual_scale == rule
+    cfg.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["residual_scale"] == rule
+    assert SpanNormConfig.from_pretrained(tmp_path).skip_scale == cfg.skip_scale
+    del saved["residual_scale"]
+    assert SpanNormConfig.from_dict(saved).residual_scale == rule
+
+
+def test_a_checkpoint_saved_with_the_old_default_loads_unchanged(tmp_path):
+    """Configs saved before the depth study hold `"auto"` for span: DeepNet's `a`, not the new default."""
+    config(num_hidden_layers=12, residual_scale="auto").save_pretrained(tmp_path)
+    loaded = SpanNormConfig.from_pretrained(tmp_path)
+    assert loaded.residual_scale == "auto" and loaded.skip_scale == 24**0.25
 
 
 def test_the_model_uses_the_resolved_rule():
