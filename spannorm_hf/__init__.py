@@ -21,7 +21,7 @@ from .modeling_spannorm import (
     SpanNormPreTrainedModel,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register("spannorm", SpanNormConfig, exist_ok=True)
 AutoModel.register(SpanNormConfig, SpanNormModel, exist_ok=True)
