@@ -183,6 +183,27 @@ def test_depth_verdict_the_shipped_default_wins_only_by_the_rule():
     assert verdict.winner == "span-mup"
 
 
+def test_the_revisit_at_l48_applies_the_same_rule_to_one_more_depth():
+    """The verdict's winner stuck at L = 48 at its L = 6 best: over L = 6..48 on seeds 0, 1 the arm that keeps its
+    best in place wins, and until L = 48 is complete the revisit is undecided and names the missing runs."""
+    curves = {
+        "span": curve({6: 4e-3, 12: 4e-3, 24: 2e-3, 48: 2e-3}, 2.20),
+        "span-mup": curve({6: 4e-3, 12: 4e-3, 24: 4e-3, 48: 2e-3}, 2.25),
+        "span-completep": curve({6: 8e-3, 12: 8e-3, 24: 8e-3, 48: 8e-3}, 2.30),
+    }
+    records = records_of(curves, seeds=(0, 1))
+    replace_loss(records, "span-mup|L48|E0|lr0.004|s0", BASELINE)  # above its L = 48 best: not a disqualification
+    first = compare.depth_verdict(records, BASELINE, seeds=(0, 1))
+    revisit = compare.depth_verdict(records, BASELINE, depths=compare.REVISIT_DEPTHS, seeds=compare.REVISIT_SEEDS)
+    assert first.winner == "span-mup" and revisit.winner == "span-completep"
+    # depth-muP at L = 48: its L = 6 best (4e-3) is the stuck seed 0 and seed 1 at 2.35, against 2.25 at its own best
+    assert revisit.rows["span-mup"]["transfer"][48] == pytest.approx((BASELINE + 2.35) / 2 - 2.25)
+    assert revisit.rows["span-completep"]["transfer"][48] == 0
+    partial = [r for r in records if not (r["layers"] == 48 and r["seed"] == 1)]
+    undecided = compare.depth_verdict(partial, BASELINE, depths=compare.REVISIT_DEPTHS, seeds=compare.REVISIT_SEEDS)
+    assert undecided.status == "undecided" and "span-completep|L48|E0|lr0.008|s1" in undecided.missing
+
+
 def test_depth_verdict_a_stuck_seed_at_or_below_the_best_disqualifies():
     records = synthetic()
     replace_loss(records, "span-mup|L24|E0|lr0.002|s1", BASELINE + 0.01)
@@ -273,7 +294,8 @@ def test_report_on_a_partial_grid_marks_missing_cells(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| span-mup | L=3 dense | missing |" in table
     assert "| span | L=2 MoE | missing |" in table
-    assert "Verdict: **undecided**" in table
+    assert table.count("Verdict: **undecided**") == 2  # the rule, and its revisit at L = 48
+    assert "## SpanNorm's default depth scaling: the same rule revisited at L = 48" in table
     assert "| 1 | pre, peri, span, span-mup, span-completep | 2 | 0 | 0.003 | 0 | 5/5 |" in table
     assert "| 2 | pre, peri, span, span-mup, span-completep | 2, 3 | 0 | 0.003, 0.01 | 0, 1 | 5/40 |" in table
     assert "Verdict: `span`" not in table  # the old span vs span-init verdict needs span-init

@@ -204,6 +204,10 @@ DEPTH_LRS = (2e-3, 4e-3, 8e-3)  # around 4e-3, every arm's best at width 128, L=
 DEPTH_EDGE_LRS = (1e-3, 1.6e-2)  # one x2 step beyond each end
 VERDICT_DEPTHS = (6, 12, 24)  # the dense depths the default is chosen on; L=48 and MoE then test the choice
 VERDICT_SEEDS = (0, 1, 2)
+# The revisit (added 2026-12-01, after L = 48's seed 0 and before its seed 1 and its edge learning rates ran): seed 0
+# got depth-muP, the verdict's winner, stuck at L = 48 at its L = 6 best (8e-3). The same rule is then applied over
+# L = 6 to 48 on seeds 0 and 1; once it is decided, its winner becomes the default if it differs.
+REVISIT_DEPTHS, REVISIT_SEEDS = VERDICT_DEPTHS + (48,), (0, 1)
 
 # The depth grid (issue 10) at the "wide" grid's width 128 and protocol (200 steps x 16 x 64 bytes): dense L = 6,
 # 12, 24, 48 and MoE (4 experts, top-2) at L = 12; PreNorm, Peri-LN and SpanNorm with a = (2L)^(1/4) (today's
@@ -219,7 +223,8 @@ VERDICT_SEEDS = (0, 1, 2)
 #      best there to 1.6e-2, at L = 6;
 #   5. L = 48 and MoE L = 12, same learning rates: L = 48 seed 0, MoE seeds 0 and 1, then L = 48 seed 1 (a session
 #      that ends mid-section has every depth on one seed, and MoE's 1/3 the cost of L = 48 buys its second seed first);
-#   6. the remaining edge learning rates everywhere, seeds 0, 1.
+#   6. the remaining edge learning rates, seeds 0, 1: the SpanNorm rules' at L = 48 first (the revisit's brackets,
+#      see REVISIT_DEPTHS), then everywhere else.
 # Cost, measured 2026-12-01 (CPU seconds of one 200-step run on one thread, from 20- and 40-step runs, so jobs sharing
 # the cores do not count): L=6 48 s, L=12 105 s, L=24 218 s, L=48 350-430 s (noisy; ~linear in L), MoE L=12 138 s.
 # Sections 1-3: 143 runs, about 5 h on one idle core; all: 283 runs, about 14 h. On the shared 2-core VM the wall
@@ -236,6 +241,7 @@ DEPTH_SECTIONS = (
     Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(0,)),
     Section(DEPTH_ARMS, (12,), DEPTH_LRS, experts=4, seeds=(1,)),
     Section(DEPTH_ARMS, (48,), DEPTH_LRS, seeds=(1,)),
+    Section(DEPTH_RULE_ARMS, (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),  # the revisit's brackets at L = 48
     Section(DEPTH_ARMS, VERDICT_DEPTHS + (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),
     Section(DEPTH_ARMS, (12,), DEPTH_EDGE_LRS, experts=4, seeds=(0, 1)),
 )
@@ -962,7 +968,8 @@ def _depth_tables(records: list[dict], grid: Grid, baseline: float) -> str:
     return "\n\n".join(
         (
             _depth_sweep_table(records, grid, baseline),
-            _depth_rule_table(records, baseline),
+            _depth_rule_table(records, baseline, VERDICT_DEPTHS, VERDICT_SEEDS, "the pre-registered rule"),
+            _depth_rule_table(records, baseline, REVISIT_DEPTHS, REVISIT_SEEDS, "the same rule revisited at L = 48"),
             _coverage_table(records, grid),
         )
     )
@@ -1009,25 +1016,27 @@ def _depth_sweep_table(records: list[dict], grid: Grid, baseline: float) -> str:
     return "\n".join(lines)
 
 
-def _depth_rule_table(records: list[dict], baseline: float) -> str:
-    """The pre-registered rule for SpanNorm's default depth scaling, each arm's numbers under it, and its verdict
+def _depth_rule_table(
+    records: list[dict], baseline: float, depths: tuple[int, ...], seeds: tuple[int, ...], title: str
+) -> str:
+    """The rule for SpanNorm's default depth scaling over `depths`, each arm's numbers under it, and its verdict
     (with the provisional leader and the missing runs while undecided), as `depth_verdict` computes them."""
-    verdict = depth_verdict(records, baseline)
+    verdict = depth_verdict(records, baseline, depths=depths, seeds=seeds)
     lines = [
-        "## SpanNorm's default depth scaling: the pre-registered rule",
+        f"## SpanNorm's default depth scaling: {title}",
         "",
         "Among " + ", ".join(f"`{a}` ({ARMS[a].label})" for a in DEPTH_RULE_ARMS) + ": an arm qualifies only if "
-        f"no seed is stuck or diverged at any learning rate at or below its best at L = {VERDICT_DEPTHS}; the "
-        f"default is the qualifying arm with the smallest mean transfer error over L = {VERDICT_DEPTHS[1:]}, ties "
-        f"(within {TRANSFER_TIE}) going to the lowest mean loss at own best. Needs seeds {VERDICT_SEEDS} at lrs "
+        f"no seed is stuck or diverged at any learning rate at or below its best at L = {depths}; the "
+        f"default is the qualifying arm with the smallest mean transfer error over L = {depths[1:]}, ties "
+        f"(within {TRANSFER_TIE}) going to the lowest mean loss at own best. Needs seeds {seeds} at lrs "
         f"{', '.join(_lr_key(lr) for lr in DEPTH_LRS)}, and every best learning rate bracketed (`depth_verdict`).",
         "",
-        "| arm | " + " | ".join(f"transfer error L={d}" for d in VERDICT_DEPTHS[1:]) + " | mean | "
+        "| arm | " + " | ".join(f"transfer error L={d}" for d in depths[1:]) + " | mean | "
         "mean loss at own best | stuck/diverged at or below best |",
-        "|---|" + "---|" * (len(VERDICT_DEPTHS) + 2),
+        "|---|" + "---|" * (len(depths) + 2),
     ]
     for arm, row in verdict.rows.items():
-        te = [row["transfer"].get(d) for d in VERDICT_DEPTHS[1:]]
+        te = [row["transfer"].get(d) for d in depths[1:]]
         fails = ", ".join(row["fails"][:6]) + (f" (+{len(row['fails']) - 6})" if len(row["fails"]) > 6 else "")
         lines.append(
             f"| {arm} | "
