@@ -189,7 +189,9 @@ class SpanNormConfig(PreTrainedConfig):
             below the rule's best learning rate, then the smallest loss lost when L = 6's best learning rate is
             used at L = 12 and 24. `"depth_mup"` lost nothing (its best stayed at 8e-3 at every depth), CompleteP
             0.022 nats/byte on average, DeepNet's 0.783 (its L = 6 best, 8e-3, gets stuck from L = 12 on). Above
-            its best, depth-muP has a cliff: 1.6e-2 did not train on most seeds at every depth. The name, not the
+            its best, depth-muP has a cliff: 1.6e-2 did not train on most seeds at every depth. At L = 48 (one seed
+            so far) its 8e-3 did not train either and 4e-3 was best; the same rule, re-run over L = 6 to 48 once
+            that depth has two seeds, may change this default (see the README's depth study). The name, not the
             number, is stored, so a saved config keeps its rule. Schemes without a skip scale accept only `"auto"`
             (or `None`).
         branch_init_gain (`float`, `str` or `None`, defaults to `"auto"`):
