@@ -289,8 +289,7 @@ class SpanNormConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
-        if self.residual_scale is None:
-            self.residual_scale = DEFAULT_RESIDUAL_SCALE.get(self.norm_scheme, "auto")
+        self.residual_scale = self.residual_rule
         self._warn_unknown_keys(kwargs)
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
@@ -346,10 +345,11 @@ class SpanNormConfig(PreTrainedConfig):
                 f"norm_scheme={self.norm_scheme!r} starts its embeddings at N(0, 1), which as a tied LM head gives "
                 "logits of std ~sqrt(hidden_size) at init; set tie_word_embeddings=False or norm_scheme 'pre'/'hybrid'",
             )
-        for field in ("residual_scale", "branch_init_gain"):
-            if self.norm_scheme not in SCALED_SCHEMES and getattr(self, field) not in ("auto", None):
-                why = f"only the {SCALED_SCHEMES} schemes use it; norm_scheme={self.norm_scheme!r} takes None or 'auto'"
-                raise invalid(self, field, why)
+        # None for residual_scale means "the scheme's rule"; for branch_init_gain it means plain init, a real choice.
+        for field, unscaled in (("residual_scale", ("auto", None)), ("branch_init_gain", ("auto",))):
+            if self.norm_scheme not in SCALED_SCHEMES and getattr(self, field) not in unscaled:
+                why = f"only the {SCALED_SCHEMES} schemes use it; norm_scheme={self.norm_scheme!r} takes "
+                raise invalid(self, field, why + " or ".join(repr(v) for v in unscaled))
 
     def validate_experts(self) -> None:
         if not self.num_experts:
@@ -361,11 +361,18 @@ class SpanNormConfig(PreTrainedConfig):
             raise invalid(self, "first_k_dense_layers", why)
 
     @property
+    def residual_rule(self) -> float | int | str:
+        """`residual_scale`, with None (set at construction or later) read as the scheme's default rule."""
+        if self.residual_scale is None:
+            return DEFAULT_RESIDUAL_SCALE.get(self.norm_scheme, "auto")
+        return self.residual_scale
+
+    @property
     def skip_scale(self) -> float:
         """The resolved skip scale `a` (1.0 for schemes without one)."""
         if self.norm_scheme not in SCALED_SCHEMES:
             return 1.0
-        rule = self.residual_scale if self.residual_scale is not None else DEFAULT_RESIDUAL_SCALE[self.norm_scheme]
+        rule = self.residual_rule
         if isinstance(rule, str):
             return (2 * self.num_hidden_layers) ** RESIDUAL_SCALE_RULES[rule]
         return float(rule)

@@ -129,3 +129,7 @@ def test_a_rule_on_a_scheme_without_skip_scale_is_rejected():
         config(norm_scheme="pre", residual_scale="depth_mup")
     with pytest.raises(StrictDataclassError, match="branch_init_gain='deepnet'.*only the"):
         config(norm_scheme="peri", branch_init_gain="deepnet")
+    # None is "the scheme's rule" for residual_scale, but plain init for branch_init_gain: a choice pre cannot take.
+    with pytest.raises(StrictDataclassError, match="branch_init_gain=None.*takes 'auto'$"):
+        config(norm_scheme="pre", branch_init_gain=None)
+    assert config(norm_scheme="pre", residual_scale=None).residual_scale == "auto"
