@@ -61,19 +61,19 @@ def test_depth_grid_plan():
     assert [(s.layers, s.experts, s.seed) for s in deep[::15]] == [(48, 0, 0), (12, 4, 0), (12, 4, 1)]
     for i in range(0, 45, 15):
         assert len({(s.layers, s.experts, s.seed) for s in deep[i : i + 15]}) == 1
-    revisit = runs[194:207]  # what the revisit needs: the rules' L=48 seed 1, and the brackets seed 0 showed
+    revisit = runs[194:209]  # what the revisit needs: the rules' L=48 seed 1, and the brackets seed 0 showed
     assert {(s.arm, s.layers, s.seed) for s in revisit[:9]} == {(a, 48, 1) for a in compare.DEPTH_RULE_ARMS}
     assert {(s.arm, s.lr, s.seed) for s in revisit[9:]} == {("span", 1e-3, i) for i in (0, 1)} | {
-        ("span-completep", 1.6e-2, i) for i in (0, 1)
+        ("span-completep", lr, i) for lr in (1.6e-2, 3.2e-2) for i in (0, 1)
     }
-    assert {(s.arm, s.layers, s.seed) for s in runs[207:213]} == {(a, 48, 1) for a in ("pre", "peri")}
-    brackets = runs[213:225]  # the baselines' and MoE's brackets seed 0 showed are needed
+    assert {(s.arm, s.layers, s.seed) for s in runs[209:215]} == {(a, 48, 1) for a in ("pre", "peri")}
+    brackets = runs[215:227]  # the baselines' and MoE's brackets seed 0 showed are needed
     assert {(s.arm, s.layers, s.experts, s.lr) for s in brackets} == {
         ("pre", 6, 0, 1e-3),
         ("pre", 48, 0, 1e-3),
         ("peri", 48, 0, 1e-3),
     } | {(a, 12, 4, 1.6e-2) for a in ("pre", "span-mup", "span-completep")}
-    assert {s.lr for s in runs[225:]} == set(compare.DEPTH_EDGE_LRS)
+    assert {s.lr for s in runs[227:]} == set(compare.DEPTH_EDGE_LRS)
 
 
 def test_long_grid_is_the_depth_grid_run_four_times_longer():

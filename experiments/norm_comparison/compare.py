@@ -228,7 +228,9 @@ REVISIT_DEPTHS, REVISIT_SEEDS = VERDICT_DEPTHS + (48,), (0, 1)
 #   Reordered 2026-12-02 (after 185 runs, before any L = 48 seed 1 run): the revisit's runs come right after MoE's
 #   seed 1: the three rules' seed 1 at L = 48, then the brackets L = 48's seed 0 asked for (1e-3 for DeepNet's rule,
 #   best at 2e-3; 1.6e-2 for CompleteP, best at 8e-3), then PreNorm's and Peri-LN's seed 1 at L = 48, then the
-#   other brackets seed 0 showed are needed, before the edges nobody's best is near.
+#   other brackets seed 0 showed are needed, before the edges nobody's best is near. Added after 199 runs, when
+#   CompleteP's 1.6e-2 at L = 48 came out best on seed 0 (2.106): its bracket 3.2e-2 there, seeds 0 and 1, right
+#   after 1.6e-2 (the revisit needs every best bracketed).
 # Cost, measured 2026-12-01 (CPU seconds of one 200-step run on one thread, from 20- and 40-step runs, so jobs sharing
 # the cores do not count): L=6 48 s, L=12 105 s, L=24 218 s, L=48 350-430 s (noisy; ~linear in L), MoE L=12 138 s.
 # Sections 1-3: 143 runs, about 5 h on one idle core; all: 283 runs, about 14 h. On the shared 2-core VM the wall
@@ -247,6 +249,7 @@ DEPTH_SECTIONS = (
     Section(DEPTH_RULE_ARMS, (48,), DEPTH_LRS, seeds=(1,)),
     Section(("span",), (48,), (1e-3,), seeds=(0, 1)),  # the revisit's brackets that seed 0 showed are needed
     Section(("span-completep",), (48,), (1.6e-2,), seeds=(0, 1)),
+    Section(("span-completep",), (48,), (3.2e-2,), seeds=(0, 1)),  # added when 1.6e-2 came out best on seed 0
     Section(("pre", "peri"), (48,), DEPTH_LRS, seeds=(1,)),
     # The brackets seed 0 showed the baselines and MoE need: PreNorm at L = 6 and the baselines at L = 48 (best at
     # 2e-3), and MoE's PreNorm, depth-muP and CompleteP (best at 8e-3).
