@@ -67,13 +67,13 @@ def test_depth_grid_plan():
         ("span-completep", lr, i) for lr in (1.6e-2, 3.2e-2) for i in (0, 1)
     }
     assert {(s.arm, s.layers, s.seed) for s in runs[209:215]} == {(a, 48, 1) for a in ("pre", "peri")}
-    brackets = runs[215:227]  # the baselines' and MoE's brackets seed 0 showed are needed
-    assert {(s.arm, s.layers, s.experts, s.lr) for s in brackets} == {
-        ("pre", 6, 0, 1e-3),
-        ("pre", 48, 0, 1e-3),
-        ("peri", 48, 0, 1e-3),
-    } | {(a, 12, 4, 1.6e-2) for a in ("pre", "span-mup", "span-completep")}
-    assert {s.lr for s in runs[227:]} == set(compare.DEPTH_EDGE_LRS)
+    brackets = runs[215:229]  # the brackets the baselines and MoE need, MoE's first
+    assert {(s.arm, s.lr) for s in brackets[:8]} == {(a, 1.6e-2) for a in ("span-mup", "span-completep")} | {
+        (a, 1e-3) for a in ("pre", "peri")
+    }
+    assert {s.experts for s in brackets[:8]} == {4}
+    assert {(s.arm, s.layers, s.lr) for s in brackets[8:]} == {("pre", 6, 1e-3), ("pre", 48, 1e-3), ("peri", 48, 1e-3)}
+    assert {s.lr for s in runs[229:]} == set(compare.DEPTH_EDGE_LRS)
 
 
 def test_long_grid_is_the_depth_grid_run_four_times_longer():

@@ -230,7 +230,8 @@ REVISIT_DEPTHS, REVISIT_SEEDS = VERDICT_DEPTHS + (48,), (0, 1)
 #   best at 2e-3; 1.6e-2 for CompleteP, best at 8e-3), then PreNorm's and Peri-LN's seed 1 at L = 48, then the
 #   other brackets seed 0 showed are needed, before the edges nobody's best is near. Added after 199 runs, when
 #   CompleteP's 1.6e-2 at L = 48 came out best on seed 0 (2.106): its bracket 3.2e-2 there, seeds 0 and 1, right
-#   after 1.6e-2 (the revisit needs every best bracketed).
+#   after 1.6e-2 (the revisit needs every best bracketed). After 209 runs, with MoE's seed 1 in: its brackets
+#   first (PreNorm's best moved to 2e-3, so 1e-3 there, not 1.6e-2; Peri-LN's 1e-3 added).
 # Cost, measured 2026-12-01 (CPU seconds of one 200-step run on one thread, from 20- and 40-step runs, so jobs sharing
 # the cores do not count): L=6 48 s, L=12 105 s, L=24 218 s, L=48 350-430 s (noisy; ~linear in L), MoE L=12 138 s.
 # Sections 1-3: 143 runs, about 5 h on one idle core; all: 283 runs, about 14 h. On the shared 2-core VM the wall
@@ -251,10 +252,11 @@ DEPTH_SECTIONS = (
     Section(("span-completep",), (48,), (1.6e-2,), seeds=(0, 1)),
     Section(("span-completep",), (48,), (3.2e-2,), seeds=(0, 1)),  # added when 1.6e-2 came out best on seed 0
     Section(("pre", "peri"), (48,), DEPTH_LRS, seeds=(1,)),
-    # The brackets seed 0 showed the baselines and MoE need: PreNorm at L = 6 and the baselines at L = 48 (best at
-    # 2e-3), and MoE's PreNorm, depth-muP and CompleteP (best at 8e-3).
+    # The brackets the baselines and MoE need: MoE's depth-muP and CompleteP (best at 8e-3) and its PreNorm and
+    # Peri-LN (best at 2e-3 on two seeds); PreNorm at L = 6 and the baselines at L = 48 (best at 2e-3).
+    Section(("span-mup", "span-completep"), (12,), (1.6e-2,), experts=4, seeds=(0, 1)),
+    Section(("pre", "peri"), (12,), (1e-3,), experts=4, seeds=(0, 1)),
     Section(("pre",), (6,), (1e-3,), seeds=(0, 1)),
-    Section(("pre", "span-mup", "span-completep"), (12,), (1.6e-2,), experts=4, seeds=(0, 1)),
     Section(("pre", "peri"), (48,), (1e-3,), seeds=(0, 1)),
     Section(DEPTH_RULE_ARMS, (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),  # the revisit's other brackets at L = 48
     Section(DEPTH_ARMS, VERDICT_DEPTHS + (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),
