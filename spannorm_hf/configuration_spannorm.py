@@ -50,7 +50,7 @@ RESIDUAL_SCALE_RULES = {"auto": 0.25, "deepnet": 0.25, "depth_mup": 0.5, "comple
 # pre-registered rule chose (experiments/norm_comparison, `compare.depth_verdict`), for `deepnorm` DeepNet's own;
 # other schemes have no skip scale. Resolved at construction, so a saved config names its rule and loads unchanged
 # whatever this table says later.
-DEFAULT_RESIDUAL_SCALE = {"span": "depth_mup", "deepnorm": "auto"}
+DEFAULT_RESIDUAL_SCALE = {"span": "completep", "deepnorm": "auto"}
 # Named depth rules for the branch init gain, as the exponent beta of `b = (8 L) ** beta`; "auto" is "deepnet".
 BRANCH_INIT_GAIN_RULES = {"auto": -0.25, "deepnet": -0.25}
 # Schemes whose token embeddings start at N(0, 1) (post-style: the residual stream is normalized to unit scale), not
@@ -172,7 +172,7 @@ class SpanNormConfig(PreTrainedConfig):
             The skip scale `a` of `span` and `deepnorm` blocks, `N(a * x + F(x))`: a positive number, or a named
             depth rule `a = (2 L) ** alpha` with L = `num_hidden_layers`. Because RMSNorm is scale-invariant,
             `N(a x + F) = N(x + F / a)`, so `a` acts as a branch multiplier `1 / a`. `None` becomes the scheme's
-            rule when the config is built: `"depth_mup"` for `span`, `"auto"` (DeepNet) for `deepnorm` and the
+            rule when the config is built: `"completep"` for `span`, `"auto"` (DeepNet) for `deepnorm` and the
             schemes without a skip scale; the config then stores and saves that name. Named rules:
 
             - `"deepnet"` (alpha = 1/4; DeepNet, arXiv 2203.00555): 1.861 at L=6, 3.130 at L=48.
@@ -184,16 +184,18 @@ class SpanNormConfig(PreTrainedConfig):
               (DeepNet's rule was `span`'s default until then), so those checkpoints load unchanged.
 
             How `span`'s default was chosen: a width-128 depth study (experiments/norm_comparison, grid `depth`:
-            byte-level LMs at L = 6, 12, 24, learning rates 2e-3 to 3.2e-2 on a x2 grid, 3 seeds) decided between
-            the three rules by a rule committed before the grid ran (`compare.depth_verdict`): no stuck seed at or
-            below the rule's best learning rate, then the smallest loss lost when L = 6's best learning rate is
-            used at L = 12 and 24. `"depth_mup"` lost nothing (its best stayed at 8e-3 at every depth), CompleteP
-            0.022 nats/byte on average, DeepNet's 0.783 (its L = 6 best, 8e-3, gets stuck from L = 12 on). Above
-            its best, depth-muP has a cliff: 1.6e-2 did not train on most seeds at every depth. At L = 48 (one seed
-            so far) its 8e-3 did not train either and 4e-3 was best; the same rule, re-run over L = 6 to 48 once
-            that depth has two seeds, may change this default (see the README's depth study). The name, not the
-            number, is stored, so a saved config keeps its rule. Schemes without a skip scale accept only `"auto"`
-            (or `None`).
+            byte-level LMs at L = 6, 12, 24, 48, learning rates 1e-3 to 3.2e-2 on a x2 grid, 2-3 seeds) decided
+            between the three rules by a rule committed before its deciding runs (`compare.depth_verdict`): no
+            seed stuck at or below the rule's best learning rate, then the smallest loss lost when L = 6's best
+            learning rate is used at the deeper depths. Over L = 6 to 24 `"depth_mup"` won (it lost nothing,
+            CompleteP 0.022 nats/byte) and was the default for a while; L = 48 then failed it (a seed stuck at
+            2e-3, below its best, and its L = 6 best 8e-3 stuck on one of two seeds), and the same rule over
+            L = 6 to 48, registered before L = 48's second seed ran, chose `"completep"`: mean loss lost 0.014
+            (its L = 6 best, 1.6e-2, was also best at L = 24 and 48), against 0.894 for DeepNet's rule, whose
+            L = 6 best gets stuck from L = 12 on. CompleteP also reached the lowest loss at every depth from 12
+            on. Its cliff: 3.2e-2, twice its best, stuck on some seeds. The name, not the number, is stored, so a
+            saved config keeps its rule (configs saved by earlier 0.2.0 builds name `"depth_mup"`). Schemes
+            without a skip scale accept only `"auto"` (or `None`).
         branch_init_gain (`float`, `str` or `None`, defaults to `"auto"`):
             Xavier-normal init gain `b` of the branch output weights (v_proj, o_proj, MLP and expert weights;
             q/k get gain 1) in `span` and `deepnorm` blocks: a positive number, or the named rule `"deepnet"`,

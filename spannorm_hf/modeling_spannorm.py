@@ -13,7 +13,7 @@ abstract. With x_0 the token embeddings and N an RMSNorm with a learnable gain:
     logits  = lm_head(x_L)                      # x_L is already normalized: no final norm
 
 The paper's "principled scaling strategy" is not published where we can read it. The default skip scale is
-depth-muP's a = (2L)^(1/2) (`residual_scale`, a branch multiplier 1/a since N is scale-invariant), chosen by a
+CompleteP's a = 2L (`residual_scale`, a branch multiplier 1/a since N is scale-invariant), chosen by a
 measured depth study, with DeepNet's Xavier-normal init gain b = (8L)^(-1/4) (`branch_init_gain`) on the branch
 output weights. Both take a number or a named depth rule (see `SpanNormConfig`), resolved by the config's
 `skip_scale` and `branch_gain`.

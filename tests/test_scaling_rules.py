@@ -52,7 +52,7 @@ def test_auto_is_deepnet(layers):
     assert auto.branch_gain == named.branch_gain
 
 
-@pytest.mark.parametrize("scheme,rule", [("span", "depth_mup"), ("deepnorm", "auto"), ("pre", "auto")])
+@pytest.mark.parametrize("scheme,rule", [("span", "completep"), ("deepnorm", "auto"), ("pre", "auto")])
 def test_default_skip_scale_is_resolved_and_saved_by_name(tmp_path, scheme, rule):
     """Not given, `residual_scale` becomes the scheme's rule at construction and is saved by name, so a checkpoint
     keeps its `a` if the default ever changes again; a config.json without the key gets today's default."""

@@ -21,8 +21,8 @@ def rms(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
 
 
 def skip_scale(scheme: str) -> float:
-    """The config defaults: depth-muP's a = (2L)^(1/2) for span, DeepNet's (2L)^(1/4) for deepnorm, else 1."""
-    return {"span": (2 * LAYERS) ** 0.5, "deepnorm": (2 * LAYERS) ** 0.25}.get(scheme, 1.0)
+    """The config defaults: CompleteP's a = 2L for span, DeepNet's (2L)^(1/4) for deepnorm, else 1."""
+    return {"span": 2.0 * LAYERS, "deepnorm": (2 * LAYERS) ** 0.25}.get(scheme, 1.0)
 
 
 def block(scheme: str, i: int, layer, x: torch.Tensor, attn) -> torch.Tensor:

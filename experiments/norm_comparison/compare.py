@@ -104,8 +104,8 @@ ARMS: dict[str, Arm] = {
         Arm("span-clean", "peri", block=_clean_block, label="SPEC 6: clean across blocks, c=1/sqrt(L)"),
         # Depth rules (issue 10), both with DeepNet's init gain b like `span`, so the three SpanNorm arms of the
         # depth grid differ in `residual_scale` alone.
-        Arm("span-mup", "span", "depth_mup", "deepnet", label="SpanNorm, a=(2L)^1/2 (depth-muP; default), b=(8L)^-1/4"),
-        Arm("span-completep", "span", "completep", "deepnet", label="SpanNorm, a=2L (CompleteP), b=(8L)^-1/4"),
+        Arm("span-mup", "span", "depth_mup", "deepnet", label="SpanNorm, a=(2L)^1/2 (depth-muP), b=(8L)^-1/4"),
+        Arm("span-completep", "span", "completep", "deepnet", label="SpanNorm, a=2L (CompleteP; default), b=(8L)^-1/4"),
     )
 }
 
