@@ -66,11 +66,13 @@ def test_default_skip_scale_is_resolved_and_saved_by_name(tmp_path, scheme, rule
     assert SpanNormConfig.from_dict(saved).residual_scale == rule
 
 
-def test_a_checkpoint_saved_with_the_old_default_loads_unchanged(tmp_path):
-    """Configs saved before the depth study hold `"auto"` for span: DeepNet's `a`, not the new default."""
-    config(num_hidden_layers=12, residual_scale="auto").save_pretrained(tmp_path)
+@pytest.mark.parametrize("rule,a", [("auto", 24**0.25), ("depth_mup", 24**0.5)])
+def test_a_checkpoint_saved_with_an_old_default_loads_unchanged(tmp_path, rule, a):
+    """Configs saved before the depth study hold `"auto"` for span (DeepNet's `a`), those saved while depth-muP was
+    the default `"depth_mup"`: each keeps its `a`, not today's default."""
+    config(num_hidden_layers=12, residual_scale=rule).save_pretrained(tmp_path)
     loaded = SpanNormConfig.from_pretrained(tmp_path)
-    assert loaded.residual_scale == "auto" and loaded.skip_scale == 24**0.25
+    assert loaded.residual_scale == rule and loaded.skip_scale == a != SpanNormConfig(num_hidden_layers=12).skip_scale
 
 
 def test_the_model_uses_the_resolved_rule():
