@@ -91,6 +91,7 @@ def test_long_grid_is_the_depth_grid_run_four_times_longer():
         ("span", 8e-3),
         ("span-mup", 8e-3),
         ("span-completep", 1.6e-2),
+        ("span-completep", 8e-3),
     }
 
 

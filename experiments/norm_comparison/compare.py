@@ -331,13 +331,15 @@ GRIDS: dict[str, Grid] = {
     # best of 2e-3/4e-3/8e-3 per arm): PreNorm and Peri-LN at 2e-3, the two best SpanNorm rules at theirs (DeepNet
     # 4e-3, depth-muP 8e-3), and DeepNet at 8e-3, where seed 0 stuck at the unigram loss after 200 steps. Added
     # after the depth grid's seeds 0 and 1 at L = 24 (105 runs): CompleteP at its two-seed best there, 1.6e-2.
+    # Added 2026-12-02, when CompleteP became the default and was the weakest SpanNorm rule here at 1.6e-2: CompleteP
+    # at 8e-3, its near-tie at L = 24 over three seeds (2.170 vs 2.168) and its best at L = 12.
     "depth-long": Grid(
         "depth-long",
         sections=(
             Section(("pre", "peri"), (24,), (2e-3,)),
             Section(("span",), (24,), (4e-3, 8e-3)),
             Section(("span-mup",), (24,), (8e-3,)),
-            Section(("span-completep",), (24,), (1.6e-2,)),
+            Section(("span-completep",), (24,), (1.6e-2, 8e-3)),
         ),
         seeds=(0,),
         width=128,
