@@ -206,7 +206,8 @@ VERDICT_DEPTHS = (6, 12, 24)  # the dense depths the default is chosen on; L=48 
 VERDICT_SEEDS = (0, 1, 2)
 # The revisit (added 2026-12-01, after L = 48's seed 0 and before its seed 1 and its edge learning rates ran): seed 0
 # got depth-muP, the verdict's winner, stuck at L = 48 at its L = 6 best (8e-3). The same rule is then applied over
-# L = 6 to 48 on seeds 0 and 1; once it is decided, its winner becomes the default if it differs.
+# L = 6 to 48 on seeds 0 and 1; once it is decided, its winner becomes the default if it differs. Decided
+# 2026-12-02 after 209 runs: CompleteP (mean transfer error 0.014; depth-muP stuck at 2e-3 at L = 48, seed 1).
 REVISIT_DEPTHS, REVISIT_SEEDS = VERDICT_DEPTHS + (48,), (0, 1)
 
 # The depth grid (issue 10) at the "wide" grid's width 128 and protocol (200 steps x 16 x 64 bytes): dense L = 6,
