@@ -95,6 +95,15 @@ def test_long_grid_is_the_depth_grid_run_four_times_longer():
     }
 
 
+def test_seed2_grid_is_the_depth_grid_at_l48_for_the_default():
+    """The new default's third seed at L = 48, at every learning rate at or below its best, same protocol."""
+    check, depth = compare.GRIDS["depth-seed2"], compare.GRIDS["depth"]
+    assert check.shape() == depth.shape() and check.verdict == "none"
+    runs = check.runs()
+    assert {(s.arm, s.layers, s.experts, s.seed) for s in runs} == {("span-completep", 48, 0, 2)}
+    assert sorted(s.lr for s in runs) == [2e-3, 4e-3, 8e-3, 1.6e-2]
+
+
 def test_plateau_grid_starts_like_the_stuck_runs():
     """The stuck 200-step runs' warmup (20 steps) and peak learning rate, then 4x the steps."""
     plateau, depth = compare.GRIDS["depth-plateau"], compare.GRIDS["depth"]

@@ -364,6 +364,18 @@ GRIDS: dict[str, Grid] = {
         warmup_frac=0.025,
         verdict="none",
     ),
+    # A third seed for the new default where it was decided (added 2026-12-02, after the revisit chose CompleteP on
+    # seeds 0 and 1): CompleteP at L = 48, the depth grid's protocol, seed 2, at every learning rate at or below its
+    # best. Does any seed get stuck there? A follow-up in its own folder, so the verdict's data stay as registered.
+    "depth-seed2": Grid(
+        "depth-seed2",
+        sections=(Section(("span-completep",), (48,), (1.6e-2, 8e-3, 4e-3, 2e-3)),),
+        seeds=(2,),
+        width=128,
+        heads=4,
+        ffn=344,
+        verdict="none",
+    ),
 }
 
 
