@@ -192,10 +192,12 @@ class SpanNormConfig(PreTrainedConfig):
             2e-3, below its best, and its L = 6 best 8e-3 stuck on one of two seeds), and the same rule over
             L = 6 to 48, registered before L = 48's second seed ran, chose `"completep"`: mean loss lost 0.014
             (its L = 6 best, 1.6e-2, was also best at L = 24 and 48), against 0.894 for DeepNet's rule, whose
-            L = 6 best gets stuck from L = 12 on. CompleteP also reached the lowest loss at every depth from 12
-            on. Its cliff: 3.2e-2, twice its best, stuck on some seeds. The name, not the number, is stored, so a
-            saved config keeps its rule (configs saved by earlier 0.2.0 builds name `"depth_mup"`). Schemes
-            without a skip scale accept only `"auto"` (or `None`).
+            L = 6 best gets stuck from L = 12 on. CompleteP also reached the lowest dense loss at every depth from
+            12 on. Above its best it has a cliff (3.2e-2 stuck on 1 of 2 seeds at L = 6). With `a = 2L` a block
+            moves the stream by about 1/(2L) of its size, which bf16 weights blur (22% of each update at L = 48);
+            autocast with fp32 weights keeps the stream in fp32. The name, not the number, is stored, so a saved
+            config keeps its rule (configs saved by earlier 0.2.0 builds name `"depth_mup"`). Schemes without a
+            skip scale accept only `"auto"` (or `None`).
         branch_init_gain (`float`, `str` or `None`, defaults to `"auto"`):
             Xavier-normal init gain `b` of the branch output weights (v_proj, o_proj, MLP and expert weights;
             q/k get gain 1) in `span` and `deepnorm` blocks: a positive number, or the named rule `"deepnet"`,
