@@ -47,7 +47,7 @@ SCALED_SCHEMES = ("span", "deepnorm")
 # until the depth study, so every config saved before it holds "auto", which must keep meaning DeepNet's `a`.
 RESIDUAL_SCALE_RULES = {"auto": 0.25, "deepnet": 0.25, "depth_mup": 0.5, "completep": 1.0}
 # The rule a config gets when `residual_scale` is not given (None), by scheme: for `span` the one the depth study's
-# pre-registered rule chose (experiments/norm_comparison, `compare.depth_verdict`), for `deepnorm` DeepNet's own;
+# pre-registered rule chose (experiments/norm_comparison, `verdicts.depth_verdict`), for `deepnorm` DeepNet's own;
 # other schemes have no skip scale. Resolved at construction, so a saved config names its rule and loads unchanged
 # whatever this table says later.
 DEFAULT_RESIDUAL_SCALE = {"span": "completep", "deepnorm": "auto"}
@@ -185,7 +185,7 @@ class SpanNormConfig(PreTrainedConfig):
 
             How `span`'s default was chosen: a width-128 depth study (experiments/norm_comparison, grid `depth`:
             byte-level LMs at L = 6, 12, 24, 48, learning rates 1e-3 to 3.2e-2 on a x2 grid, 2-3 seeds) decided
-            between the three rules by a rule committed before its deciding runs (`compare.depth_verdict`): no
+            between the three rules by a rule committed before its deciding runs (`verdicts.depth_verdict`): no
             seed stuck at or below the rule's best learning rate, then the smallest loss lost when L = 6's best
             learning rate is used at the deeper depths. Over L = 6 to 24 `"depth_mup"` won (it lost nothing,
             CompleteP 0.022 nats/byte) and was the default for a while; L = 48 then failed it (a seed stuck at

@@ -13,18 +13,22 @@ import torch
 from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.diagnostics import decoder_blocks
 
-import compare
+from compare_norms import run_grid
+from grids import ARMS, GRIDS, Grid, RunSpec, Section
+from report import unigram_loss
+from run import _loss, build_model, load_bytes, read_records, split_data, train_batches, train_one, val_batches
+from verdicts import CHALLENGER, SHIPPED, best_lrs, lr_sensitivity, scaling_verdict
 
 pytestmark = pytest.mark.slow  # the experiment harness: its module fixture trains a small grid
 
 COMPARE_DIR = Path(__file__).resolve().parents[1] / "experiments" / "norm_comparison"
 
-GRID = compare.Grid(
+GRID = Grid(
     "test",
     sections=(
-        compare.Section(("pre", "post", "span"), (2,), (3e-3, 1e-2)),
-        compare.Section(("pre", "span"), (3,), (1e-2,)),
-        compare.Section(("span",), (2,), (1e-2,), experts=4),
+        Section(("pre", "post", "span"), (2,), (3e-3, 1e-2)),
+        Section(("pre", "span"), (3,), (1e-2,)),
+        Section(("span",), (2,), (1e-2,), experts=4),
     ),
     seeds=(0, 1),
     width=16,
@@ -49,12 +53,12 @@ def text_file(tmp_path_factory):
 def results(tmp_path_factory, text_file):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("results")
-    compare.run_grid(GRID, out, data=text_file, log=lambda msg: None)
+    run_grid(GRID, out, data=text_file, log=lambda msg: None)
     return out
 
 
 def test_every_run_is_recorded_with_sane_content(results):
-    records = compare.read_records(results / "runs.jsonl")
+    records = read_records(results / "runs.jsonl")
     assert sorted(r["key"] for r in records) == sorted(s.key for s in GRID.runs())
     for rec in records:
         assert rec["val_loss"] is not None and 1.0 < rec["val_loss"] < math.log(256) + 1.0, rec["key"]
@@ -86,9 +90,9 @@ def test_table_and_plots(results):
 
 
 def test_best_lr_is_the_lowest_mean_loss(results):
-    records = compare.read_records(results / "runs.jsonl")
-    best = compare.best_lrs(records, layers=2)
-    sens = compare.lr_sensitivity(records, layers=2)
+    records = read_records(results / "runs.jsonl")
+    best = best_lrs(records, layers=2)
+    sens = lr_sensitivity(records, layers=2)
     assert set(best) == {"pre", "post", "span"}
     for arm, lr in best.items():
         assert sens[arm][lr] == min(sens[arm].values())
@@ -97,52 +101,52 @@ def test_best_lr_is_the_lowest_mean_loss(results):
 def test_resume_skips_finished_runs_and_refuses_another_grid(results, text_file):
     before = (results / "runs.jsonl").read_text()
     logs = []
-    compare.run_grid(GRID, results, data=text_file, log=logs.append)
+    run_grid(GRID, results, data=text_file, log=logs.append)
     assert "0 to go" in logs[0]
     assert (results / "runs.jsonl").read_text() == before
     with pytest.raises(ValueError, match="another grid or data"):
-        compare.run_grid(compare.GRIDS["quick"], results, data=text_file, log=logs.append)
+        run_grid(GRIDS["quick"], results, data=text_file, log=logs.append)
 
 
 def test_a_run_is_reproducible_and_data_order_is_shared_across_arms(text_file):
-    tokens, _ = compare.load_bytes(text_file)
-    train, val = compare.split_data(tokens, GRID)
-    val = compare.val_batches(val, GRID)
-    spec = compare.RunSpec("span", 2, 0, 1e-2, 0)
-    first, second = (compare.train_one(spec, GRID, train, val) for _ in range(2))
+    tokens, _ = load_bytes(text_file)
+    train, val = split_data(tokens, GRID)
+    val = val_batches(val, GRID)
+    spec = RunSpec("span", 2, 0, 1e-2, 0)
+    first, second = (train_one(spec, GRID, train, val) for _ in range(2))
     assert first["val_loss"] == second["val_loss"] and first["train_curve"] == second["train_curve"]
-    batches = [list(compare.train_batches(train, GRID, seed)) for seed in (0, 0, 1)]
+    batches = [list(train_batches(train, GRID, seed)) for seed in (0, 0, 1)]
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[1], strict=True))
     assert not torch.equal(batches[0][0], batches[2][0])
 
 
-@pytest.mark.parametrize("arm", sorted(compare.ARMS))
+@pytest.mark.parametrize("arm", sorted(ARMS))
 def test_every_arm_builds_and_runs(arm):
-    model = compare.build_model(compare.RunSpec(arm, 2, 0, 1e-3, 0), GRID)
-    loss = compare._loss(model, torch.randint(0, 256, (2, 9)))
+    model = build_model(RunSpec(arm, 2, 0, 1e-3, 0), GRID)
+    loss = _loss(model, torch.randint(0, 256, (2, 9)))
     assert torch.isfinite(loss)
     loss.backward()
     learnable = [b.skip_scale for b in decoder_blocks(model) if isinstance(b.skip_scale, torch.nn.Parameter)]
-    assert bool(learnable) == compare.ARMS[arm].learnable_skip
+    assert bool(learnable) == ARMS[arm].learnable_skip
     assert all(p.grad is not None for p in learnable)
 
 
 def test_unigram_baseline():
     constant = torch.zeros(5000, dtype=torch.long)
-    assert compare.unigram_loss(constant, [constant[:34].view(2, 17)]) < 0.1
+    assert unigram_loss(constant, [constant[:34].view(2, 17)]) < 0.1
     noise = torch.randint(0, 256, (200_000,), generator=torch.Generator().manual_seed(0))
-    assert abs(compare.unigram_loss(noise, [noise[:3400].view(200, 17)]) - math.log(256)) < 0.05
+    assert abs(unigram_loss(noise, [noise[:3400].view(200, 17)]) - math.log(256)) < 0.05
 
 
 def test_bad_data_fails_early(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        compare.load_bytes(tmp_path / "nope.txt")
+        load_bytes(tmp_path / "nope.txt")
     small = tmp_path / "small.txt"
     small.write_text("tiny")
-    tokens, _ = compare.load_bytes(small)
+    tokens, _ = load_bytes(small)
     with pytest.raises(ValueError, match="needs at least"):
-        compare.split_data(tokens, GRID)
-    json.dumps(compare.GRIDS["full"].shape())  # records embed the grid shape: it must be JSON
+        split_data(tokens, GRID)
+    json.dumps(GRIDS["full"].shape())  # records embed the grid shape: it must be JSON
 
 
 def _records(losses: dict[tuple[str, int, float], list[float]]) -> list[dict]:
@@ -154,7 +158,7 @@ def _records(losses: dict[tuple[str, int, float], list[float]]) -> list[dict]:
 
 
 def test_scaling_verdict_needs_a_majority_and_a_lower_mean():
-    shipped, challenger = compare.SHIPPED, compare.CHALLENGER
+    shipped, challenger = SHIPPED, CHALLENGER
     # The challenger is better at its best lr (1e-2) at L=6 and L=12 but much worse at L=24: lower in a majority
     # of settings, higher on average -> the shipped default stays.
     losses = {
@@ -166,17 +170,17 @@ def test_scaling_verdict_needs_a_majority_and_a_lower_mean():
         (shipped, 24, 1e-2): [2.5, 2.5],
         (challenger, 24, 1e-2): [3.4, 3.4],
     }
-    winner, rows = compare.scaling_verdict(_records(losses))
+    winner, rows = scaling_verdict(_records(losses))
     assert winner == shipped
     challenger_best = [(layers, lr_b, b) for layers, _, _, _, lr_b, b in rows]
     assert challenger_best == [(6, 1e-2, 2.4), (12, 1e-2, 2.4), (24, 1e-2, 3.4)]
     losses[(challenger, 24, 1e-2)] = [2.55, 2.55]
-    assert compare.scaling_verdict(_records(losses))[0] == challenger
+    assert scaling_verdict(_records(losses))[0] == challenger
     # Better in one setting of two, even by a lot: not a majority.
     del losses[(shipped, 24, 1e-2)], losses[(challenger, 24, 1e-2)]
     losses[(challenger, 6, 1e-2)] = [1.5, 1.5]
     losses[(challenger, 12, 1e-2)] = [2.6, 2.6]
-    assert compare.scaling_verdict(_records(losses))[0] == shipped
+    assert scaling_verdict(_records(losses))[0] == shipped
 
 
 def test_quick_mode_end_to_end_as_documented(tmp_path):
@@ -193,8 +197,8 @@ def test_quick_mode_end_to_end_as_documented(tmp_path):
         assert f"results in {tmp_path.resolve()}" in out
     report = subprocess.run([*script, "--report-only"], env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
-    records = compare.read_records(tmp_path / "runs.jsonl")
-    assert sorted(r["key"] for r in records) == sorted(s.key for s in compare.GRIDS["quick"].runs())
+    records = read_records(tmp_path / "runs.jsonl")
+    assert sorted(r["key"] for r in records) == sorted(s.key for s in GRIDS["quick"].runs())
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(records)  # no torn or doubled lines
     table = (tmp_path / "table.md").read_text()
     assert "# Norm-scheme comparison (quick grid)" in table and "Verdict:" in table

@@ -10,16 +10,32 @@ import torch
 from spannorm_hf.training.corpus import read_default_corpus
 from spannorm_hf.training.diagnostics import decoder_blocks
 
-import compare
+from compare_norms import run_grid
+from grids import (
+    ARMS,
+    DEPTH_ARMS,
+    DEPTH_EDGE_LRS,
+    DEPTH_LRS,
+    DEPTH_RULE_ARMS,
+    GRIDS,
+    REVISIT_DEPTHS,
+    REVISIT_SEEDS,
+    Grid,
+    RunSpec,
+    Section,
+)
+from report import write_report
+from run import build_model, read_records
+from verdicts import depth_cells, depth_verdict
 
 BASELINE = 3.355  # unigram loss of the synthetic records below
 ALL_LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
 
 
 def test_depth_grid_plan():
-    grid = compare.GRIDS["depth"]
+    grid = GRIDS["depth"]
     # Same model and protocol as the "wide" grid, which the old records were written under.
-    assert grid.shape() == compare.GRIDS["wide"].shape()
+    assert grid.shape() == GRIDS["wide"].shape()
     assert grid.shape() == {
         "width": 128,
         "heads": 4,
@@ -37,20 +53,20 @@ def test_depth_grid_plan():
     assert {s.arm for s in runs} == {"pre", "peri", "span", "span-mup", "span-completep"}
     assert {(s.layers, s.experts) for s in runs} == {(6, 0), (12, 0), (24, 0), (48, 0), (12, 4)}
     for arm in {s.arm for s in runs}:  # every arm is built through public config fields only
-        assert not compare.ARMS[arm].learnable_skip and compare.ARMS[arm].block is None
+        assert not ARMS[arm].learnable_skip and ARMS[arm].block is None
     # Priority order: the cells that decide the default come first, on both seeds; then the edge learning rates seed 0
     # showed they need (up for the depth-muP/CompleteP rules, down for PreNorm/Peri-LN); then their third seed; then
     # L=48 and MoE, then the remaining edges.
     first = runs[:90]
     assert {(s.layers, s.experts) for s in first} == {(6, 0), (12, 0), (24, 0)}
-    assert {s.lr for s in first} == set(compare.DEPTH_LRS) and {s.seed for s in first} == {0, 1}
+    assert {s.lr for s in first} == set(DEPTH_LRS) and {s.seed for s in first} == {0, 1}
     assert [s.seed for s in first] == sorted(s.seed for s in first)  # seed-major within the section
     edges = runs[90:110]
     assert {(s.arm, s.lr) for s in edges} == {(a, 1.6e-2) for a in ("span-mup", "span-completep")} | {
         (a, 1e-3) for a in ("pre", "peri")
     }
     third = runs[110:143]
-    assert {s.seed for s in third} == {2} and {s.arm for s in third} == set(compare.DEPTH_RULE_ARMS)
+    assert {s.seed for s in third} == {2} and {s.arm for s in third} == set(DEPTH_RULE_ARMS)
     assert {(s.layers, s.experts) for s in third} == {(6, 0), (12, 0), (24, 0)}
     assert all(s.seed < 2 for s in runs[:110] + runs[143:])
     brackets = runs[143:149]  # the verdict's brackets: one x2 step past each rule's best where it sat at an edge
@@ -62,7 +78,7 @@ def test_depth_grid_plan():
     for i in range(0, 45, 15):
         assert len({(s.layers, s.experts, s.seed) for s in deep[i : i + 15]}) == 1
     revisit = runs[194:209]  # what the revisit needs: the rules' L=48 seed 1, and the brackets seed 0 showed
-    assert {(s.arm, s.layers, s.seed) for s in revisit[:9]} == {(a, 48, 1) for a in compare.DEPTH_RULE_ARMS}
+    assert {(s.arm, s.layers, s.seed) for s in revisit[:9]} == {(a, 48, 1) for a in DEPTH_RULE_ARMS}
     assert {(s.arm, s.lr, s.seed) for s in revisit[9:]} == {("span", 1e-3, i) for i in (0, 1)} | {
         ("span-completep", lr, i) for lr in (1.6e-2, 3.2e-2) for i in (0, 1)
     }
@@ -73,15 +89,15 @@ def test_depth_grid_plan():
     }
     assert {s.experts for s in brackets[:8]} == {4}
     assert {(s.arm, s.layers, s.lr) for s in brackets[8:]} == {("pre", 6, 1e-3), ("pre", 48, 1e-3), ("peri", 48, 1e-3)}
-    assert {s.lr for s in runs[229:]} == set(compare.DEPTH_EDGE_LRS)
+    assert {s.lr for s in runs[229:]} == set(DEPTH_EDGE_LRS)
 
 
 def test_long_grid_is_the_depth_grid_run_four_times_longer():
     """Issue 10 item 5: the same model and protocol as the depth grid but 4x the steps, at L = 24, one run per arm at
     its chosen learning rate; a follow-up, so its report carries no verdict."""
-    long, depth = compare.GRIDS["depth-long"], compare.GRIDS["depth"]
+    long, depth = GRIDS["depth-long"], GRIDS["depth"]
     assert long.shape() == {**depth.shape(), "steps": 4 * depth.steps}
-    assert long.verdict == "none" and depth.verdict == "depth" and compare.GRIDS["full"].verdict == "scaling"
+    assert long.verdict == "none" and depth.verdict == "depth" and GRIDS["full"].verdict == "scaling"
     runs = long.runs()
     assert {(s.layers, s.experts, s.seed) for s in runs} == {(24, 0, 0)}
     assert {(s.arm, s.lr) for s in runs} == {
@@ -97,7 +113,7 @@ def test_long_grid_is_the_depth_grid_run_four_times_longer():
 
 def test_seed2_grid_is_the_depth_grid_at_l48_for_the_default():
     """The new default's third seed at L = 48, at every learning rate at or below its best, same protocol."""
-    check, depth = compare.GRIDS["depth-seed2"], compare.GRIDS["depth"]
+    check, depth = GRIDS["depth-seed2"], GRIDS["depth"]
     assert check.shape() == depth.shape() and check.verdict == "none"
     runs = check.runs()
     assert {(s.arm, s.layers, s.experts, s.seed) for s in runs} == {("span-completep", 48, 0, 2)}
@@ -106,7 +122,7 @@ def test_seed2_grid_is_the_depth_grid_at_l48_for_the_default():
 
 def test_plateau_grid_starts_like_the_stuck_runs():
     """The stuck 200-step runs' warmup (20 steps) and peak learning rate, then 4x the steps."""
-    plateau, depth = compare.GRIDS["depth-plateau"], compare.GRIDS["depth"]
+    plateau, depth = GRIDS["depth-plateau"], GRIDS["depth"]
     assert plateau.shape() == {**depth.shape(), "steps": 800, "warmup_frac": 0.025}
     assert plateau.steps * plateau.warmup_frac == depth.steps * depth.warmup_frac == 20
     runs = plateau.runs()
@@ -117,16 +133,16 @@ def test_plateau_grid_starts_like_the_stuck_runs():
 
 
 def test_old_grids_keep_seed_major_order():
-    runs = compare.GRIDS["full"].runs()
+    runs = GRIDS["full"].runs()
     assert [s.seed for s in runs] == sorted(s.seed for s in runs)
     with pytest.raises(ValueError, match="Grid.order='random'"):
-        dataclasses.replace(compare.GRIDS["quick"], order="random").runs()
+        dataclasses.replace(GRIDS["quick"], order="random").runs()
 
 
 @pytest.mark.parametrize("arm,layers,expected", [("span-mup", 6, 12**0.5), ("span-completep", 48, 96.0)])
 def test_depth_arms_use_the_named_rules(arm, layers, expected):
-    model = compare.build_model(compare.RunSpec(arm, layers, 0, 1e-3, 0), compare.GRIDS["quick"])
-    assert model.config.residual_scale == compare.ARMS[arm].residual_scale
+    model = build_model(RunSpec(arm, layers, 0, 1e-3, 0), GRIDS["quick"])
+    assert model.config.residual_scale == ARMS[arm].residual_scale
     assert all(b.skip_scale == pytest.approx(expected) for b in decoder_blocks(model))
 
 
@@ -145,7 +161,7 @@ def records_of(losses: dict[str, dict[tuple[int, float], float]], seeds=(0, 1, 2
     for arm, table in losses.items():
         for (layers, lr), loss in table.items():
             for seed in seeds:
-                spec = compare.RunSpec(arm, layers, 0, lr, seed)
+                spec = RunSpec(arm, layers, 0, lr, seed)
                 out.append({**dataclasses.asdict(spec), "key": spec.key, "val_loss": loss, "diverged": False})
     return out
 
@@ -171,7 +187,7 @@ def replace_loss(records: list[dict], key: str, loss: float | None, diverged: bo
 def test_depth_cells_measures():
     records = synthetic()
     replace_loss(records, "span|L24|E0|lr0.016|s0", BASELINE)  # one stuck seed
-    cells = compare.depth_cells(records, BASELINE)
+    cells = depth_cells(records, BASELINE)
     c6, c24 = cells[("span", 6, 0)], cells[("span", 24, 0)]
     assert (c6.best_lr, c6.transfer_lr, c6.transfer_error) == (4e-3, 4e-3, 0.0)
     assert c24.best_lr == 2e-3 and c24.transfer_lr == 4e-3
@@ -182,7 +198,7 @@ def test_depth_cells_measures():
 
 
 def test_depth_verdict_smallest_transfer_error_then_loss():
-    verdict = compare.depth_verdict(synthetic(), BASELINE)
+    verdict = depth_verdict(synthetic(), BASELINE)
     assert verdict.status == "decided" and not verdict.missing
     assert verdict.rows["span"]["mean_transfer"] == pytest.approx(0.05)
     # depth-muP and CompleteP both transfer perfectly (a tie): the lower mean loss at own best wins
@@ -192,7 +208,7 @@ def test_depth_verdict_smallest_transfer_error_then_loss():
 def test_depth_verdict_the_shipped_default_wins_only_by_the_rule():
     records = records_of({"span": curve({6: 4e-3, 12: 4e-3, 24: 4e-3}, 2.20)})
     records += [r for r in synthetic() if r["arm"] != "span"]
-    assert compare.depth_verdict(records, BASELINE).winner == "span"  # ties on transfer, lowest loss
+    assert depth_verdict(records, BASELINE).winner == "span"  # ties on transfer, lowest loss
     # A transfer error just over the tie margin loses although its loss is far lower.
     records = records_of({"span": curve({6: 4e-3, 12: 4e-3, 24: 4e-3}, 1.50)}) + [
         r for r in synthetic() if r["arm"] != "span"
@@ -200,7 +216,7 @@ def test_depth_verdict_the_shipped_default_wins_only_by_the_rule():
     for seed in (0, 1, 2):
         replace_loss(records, f"span|L24|E0|lr0.004|s{seed}", 1.50 + 0.011 * 2)  # mean over 12, 24: 0.011
         replace_loss(records, f"span|L24|E0|lr0.008|s{seed}", 1.50)  # own best at L=24 moves to 8e-3
-    verdict = compare.depth_verdict(records, BASELINE)
+    verdict = depth_verdict(records, BASELINE)
     assert verdict.rows["span"]["mean_transfer"] == pytest.approx(0.011)
     assert verdict.winner == "span-mup"
 
@@ -215,21 +231,21 @@ def test_the_revisit_at_l48_applies_the_same_rule_to_one_more_depth():
     }
     records = records_of(curves, seeds=(0, 1))
     replace_loss(records, "span-mup|L48|E0|lr0.004|s0", BASELINE)  # above its L = 48 best: not a disqualification
-    first = compare.depth_verdict(records, BASELINE, seeds=(0, 1))
-    revisit = compare.depth_verdict(records, BASELINE, depths=compare.REVISIT_DEPTHS, seeds=compare.REVISIT_SEEDS)
+    first = depth_verdict(records, BASELINE, seeds=(0, 1))
+    revisit = depth_verdict(records, BASELINE, depths=REVISIT_DEPTHS, seeds=REVISIT_SEEDS)
     assert first.winner == "span-mup" and revisit.winner == "span-completep"
     # depth-muP at L = 48: its L = 6 best (4e-3) is the stuck seed 0 and seed 1 at 2.35, against 2.25 at its own best
     assert revisit.rows["span-mup"]["transfer"][48] == pytest.approx((BASELINE + 2.35) / 2 - 2.25)
     assert revisit.rows["span-completep"]["transfer"][48] == 0
     partial = [r for r in records if not (r["layers"] == 48 and r["seed"] == 1)]
-    undecided = compare.depth_verdict(partial, BASELINE, depths=compare.REVISIT_DEPTHS, seeds=compare.REVISIT_SEEDS)
+    undecided = depth_verdict(partial, BASELINE, depths=REVISIT_DEPTHS, seeds=REVISIT_SEEDS)
     assert undecided.status == "undecided" and "span-completep|L48|E0|lr0.008|s1" in undecided.missing
 
 
 def test_depth_verdict_a_stuck_seed_at_or_below_the_best_disqualifies():
     records = synthetic()
     replace_loss(records, "span-mup|L24|E0|lr0.002|s1", BASELINE + 0.01)
-    verdict = compare.depth_verdict(records, BASELINE)
+    verdict = depth_verdict(records, BASELINE)
     assert verdict.rows["span-mup"]["fails"] == ["L=24 lr 0.002 seed 1"]
     assert verdict.winner == "span-completep"
     # At the best learning rate itself too (the other seeds there are good enough to keep it the best).
@@ -237,52 +253,52 @@ def test_depth_verdict_a_stuck_seed_at_or_below_the_best_disqualifies():
     replace_loss(records, "span-mup|L12|E0|lr0.004|s0", BASELINE - 0.04)
     for seed in (1, 2):
         replace_loss(records, f"span-mup|L12|E0|lr0.004|s{seed}", 1.0)
-    verdict = compare.depth_verdict(records, BASELINE)
-    assert compare.depth_cells(records, BASELINE)[("span-mup", 12, 0)].best_lr == 4e-3
+    verdict = depth_verdict(records, BASELINE)
+    assert depth_cells(records, BASELINE)[("span-mup", 12, 0)].best_lr == 4e-3
     assert verdict.rows["span-mup"]["fails"] == ["L=12 lr 0.004 seed 0"]
     # Above the best learning rate a stuck (or diverged) seed does not disqualify.
     records = synthetic()
     replace_loss(records, "span-mup|L24|E0|lr0.016|s1", BASELINE + 0.01)
     replace_loss(records, "span-mup|L12|E0|lr0.016|s0", None, diverged=True)
-    assert compare.depth_verdict(records, BASELINE).winner == "span-mup"
+    assert depth_verdict(records, BASELINE).winner == "span-mup"
     # A diverged seed below the best disqualifies like a stuck one.
     records = synthetic()
     replace_loss(records, "span-mup|L6|E0|lr0.001|s2", None, diverged=True)
-    assert compare.depth_verdict(records, BASELINE).rows["span-mup"]["fails"] == ["L=6 lr 0.001 seed 2"]
+    assert depth_verdict(records, BASELINE).rows["span-mup"]["fails"] == ["L=6 lr 0.001 seed 2"]
     # Nothing qualifies: no winner, and the verdict says so.
     records = synthetic()
-    for arm in compare.DEPTH_RULE_ARMS:
+    for arm in DEPTH_RULE_ARMS:
         replace_loss(records, f"{arm}|L6|E0|lr0.001|s0", BASELINE)
-    verdict = compare.depth_verdict(records, BASELINE)
+    verdict = depth_verdict(records, BASELINE)
     assert (verdict.status, verdict.winner, verdict.provisional) == ("none qualifies", None, None)
 
 
 def test_depth_verdict_is_undecided_until_every_required_run_is_in():
     records = [r for r in synthetic() if r["key"] != "span-completep|L12|E0|lr0.004|s2"]
-    verdict = compare.depth_verdict(records, BASELINE)
+    verdict = depth_verdict(records, BASELINE)
     assert verdict.status == "undecided" and verdict.winner is None
     assert verdict.missing == ("span-completep|L12|E0|lr0.004|s2",)
     assert verdict.provisional == "span-mup"
     # A best learning rate at the edge of what ran must be bracketed: twice it, on seeds 0 and 1.
     records = [r for r in synthetic() if not (r["arm"] == "span-completep" and r["lr"] > 8e-3)]
-    verdict = compare.depth_verdict(records, BASELINE)
+    verdict = depth_verdict(records, BASELINE)
     assert verdict.status == "undecided"
     assert set(verdict.missing) == {f"span-completep|L{d}|E0|lr0.016|s{s}" for d in (6, 12, 24) for s in (0, 1)}
     # Only the core cells, no edges at all: half the lowest / twice the highest where the best sits there.
-    core = [r for r in synthetic() if r["lr"] in compare.DEPTH_LRS]
-    missing = set(compare.depth_verdict(core, BASELINE).missing)
+    core = [r for r in synthetic() if r["lr"] in DEPTH_LRS]
+    missing = set(depth_verdict(core, BASELINE).missing)
     assert "span|L24|E0|lr0.001|s0" in missing and "span-completep|L6|E0|lr0.016|s1" in missing
     assert not any(k.startswith("span-mup") for k in missing)
-    assert compare.depth_verdict([], BASELINE).status == "undecided"
+    assert depth_verdict([], BASELINE).status == "undecided"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # A report on a partial grid
 # ---------------------------------------------------------------------------------------------------------
 
-TINY = compare.Grid(
+TINY = Grid(
     "tiny-depth",
-    sections=(compare.Section(compare.DEPTH_ARMS, (2,), (3e-3,), seeds=(0,)),),
+    sections=(Section(DEPTH_ARMS, (2,), (3e-3,), seeds=(0,)),),
     seeds=(0, 1),
     order="section",
     width=16,
@@ -302,17 +318,17 @@ def test_report_on_a_partial_grid_marks_missing_cells(tmp_path):
     torch.set_num_threads(1)
     data = tmp_path / "corpus.txt"
     data.write_text(read_default_corpus()[:40_000])
-    compare.run_grid(TINY, tmp_path, data=data, log=lambda msg: None)
-    assert all(0 < r["cpu_seconds"] < 600 for r in compare.read_records(tmp_path / "runs.jsonl"))
+    run_grid(TINY, tmp_path, data=data, log=lambda msg: None)
+    assert all(0 < r["cpu_seconds"] < 600 for r in read_records(tmp_path / "runs.jsonl"))
     planned = dataclasses.replace(
         TINY,
         sections=TINY.sections
         + (
-            compare.Section(compare.DEPTH_ARMS, (2, 3), (3e-3, 1e-2)),
-            compare.Section(("span",), (2,), (1e-2,), experts=4),
+            Section(DEPTH_ARMS, (2, 3), (3e-3, 1e-2)),
+            Section(("span",), (2,), (1e-2,), experts=4),
         ),
     )
-    written = compare.write_report(tmp_path, planned, data=data)
+    written = write_report(tmp_path, planned, data=data)
     table = (tmp_path / "table.md").read_text()
     assert "| span-mup | L=3 dense | missing |" in table
     assert "| span | L=2 MoE | missing |" in table

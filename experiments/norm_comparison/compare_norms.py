@@ -10,11 +10,63 @@ results directory: runs.jsonl (one line per run, resumable), table.md and PNG pl
 """
 
 import argparse
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from compare import GRIDS, run_grid, write_report
+from grids import GRIDS, Grid
+from report import write_report
+from run import _append, load_bytes, read_records, split_data, train_one, val_batches
+
+
+def run_grid(
+    grid: Grid,
+    out_dir: Path,
+    data: str | os.PathLike | None = None,
+    shard: tuple[int, int] = (0, 1),
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run every not-yet-recorded run of `grid` into `out_dir/runs.jsonl`, then write the report.
+
+    `shard=(i, n)` takes every n-th pending run starting at i, so n processes can share a grid (and the cores)."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count} is invalid: need 0 <= index < count")
+    tokens, fingerprint = load_bytes(data)
+    train, val = split_data(tokens, grid)
+    val = val_batches(val, grid)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "runs.jsonl"
+    done = {}
+    for rec in read_records(path):
+        if rec["shape"] != grid.shape() or rec.get("data") != fingerprint:
+            raise ValueError(
+                f"{path} holds runs of another grid or data (run {rec['key']!r}: grid {rec['grid']!r}, data "
+                f"{rec.get('data')!r}); pass a fresh --out to start a new comparison"
+            )
+        done[rec["key"]] = rec
+    todo = [spec for spec in grid.runs() if spec.key not in done][index::count]
+    log(
+        f"[compare] grid {grid.name!r}: {len(grid.runs())} runs, {len(done)} already in {path}, "
+        f"{len(todo)} to go in shard {index}/{count}"
+    )
+    t0 = time.time()
+    for i, spec in enumerate(todo, 1):
+        record = train_one(spec, grid, train, val)
+        record["data"] = fingerprint
+        _append(path, record)
+        eta = (time.time() - t0) / i * (len(todo) - i)
+        val_loss = record["val_loss"]
+        shown = f"{val_loss:.3f}" if val_loss is not None else "nan"
+        log(
+            f"[compare] {i}/{len(todo)} {spec.key}: val {shown}{' DIVERGED' if record['diverged'] else ''} "
+            f"({record['seconds']:.0f}s, eta {eta / 60:.0f} min)"
+        )
+    write_report(out_dir, grid, data)
+    return out_dir
 
 
 def main() -> None:
