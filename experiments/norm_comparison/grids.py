@@ -333,4 +333,23 @@ GRIDS: dict[str, Grid] = {
         ffn=344,
         verdict="none",
     ),
+    # Issue 19 item 4: does the deep lead last? L = 48, 800 steps (4x the depth grid's), seeds 0 and 1: PreNorm,
+    # Peri-LN and the default (CompleteP) at their 200-step bests on the depth grid's two seeds at L = 48 (2e-3,
+    # 2e-3, 1.6e-2) and one x2 step below (the depth-long runs at L = 24 found lower learning rates better for longer
+    # runs). Seed-major: every arm's best on seed 0 first. About 25 CPU-minutes a run, 12 runs.
+    "depth48-long": Grid(
+        "depth48-long",
+        sections=(
+            Section(("pre", "peri"), (48,), (2e-3,)),
+            Section(("span-completep",), (48,), (1.6e-2,)),
+            Section(("pre", "peri"), (48,), (1e-3,)),
+            Section(("span-completep",), (48,), (8e-3,)),
+        ),
+        seeds=(0, 1),
+        width=128,
+        heads=4,
+        ffn=344,
+        steps=800,
+        verdict="none",  # a follow-up at chosen learning rates: no learning-rate sweep to decide on
+    ),
 }
