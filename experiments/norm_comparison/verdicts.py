@@ -6,7 +6,7 @@ import dataclasses
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from grids import ARMS, DEPTH_LRS, DEPTH_RULE_ARMS, VERDICT_DEPTHS, VERDICT_SEEDS, RunSpec
 
@@ -100,7 +100,8 @@ def _lr_key(lr: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DepthCell:
-    """One arm at one depth/MoE setting: its learning-rate sweep summarised (losses are means over seeds)."""
+    """One arm at one setting (a depth/MoE setting, or a width and depth): its learning-rate sweep summarised (losses
+    are means over seeds)."""
 
     lrs: tuple[float, ...]  # learning rates with at least one finished run
     best_lr: float | None  # lowest mean loss; None when no run finished
@@ -109,30 +110,33 @@ class DepthCell:
     runs: int
     stuck: int
     diverged: int
-    transfer_lr: float | None  # the arm's best learning rate at dense L=6
+    transfer_lr: float | None  # the arm's best learning rate at the base setting (dense L=6; width 128)
     transfer_error: float | None  # loss at transfer_lr minus loss at own best; None when either is missing
 
 
-def depth_cells(records: list[dict], baseline: float, base_layers: int = 6) -> dict[tuple[str, int, int], DepthCell]:
-    """Per (arm, layers, experts): best lr, loss at best, usable window, stuck/diverged counts and the transfer error
-    (the loss at the learning rate that was the arm's best at dense `base_layers`, minus the loss at its own best;
-    0 at the base depth by construction, inf when the transferred learning rate has a non-finite seed)."""
-    groups = _group(records)
+def sweep_cells(
+    records: list[dict], baseline: float, setting: Callable[[dict], tuple], base_of: Callable[[tuple], tuple]
+) -> dict[tuple, DepthCell]:
+    """Per (arm, *setting(record)): best lr, loss at best, usable window, stuck/diverged counts and the transfer
+    error (the loss at the learning rate that was the arm's best at the setting `base_of(setting)`, minus the loss
+    at its own best; 0 at the base by construction, inf when the transferred learning rate has a non-finite seed)."""
+    groups = defaultdict(list)
+    for rec in records:
+        groups[(rec["arm"], *setting(rec), rec["lr"])].append(rec)
     scores = defaultdict(dict)
-    for (arm, layers, experts, lr), runs in groups.items():
-        scores[(arm, layers, experts)][lr] = score(runs)
-    base = {arm: sc for (arm, layers, experts), sc in scores.items() if (layers, experts) == (base_layers, 0)}
-    base_best = {arm: min(sc, key=sc.get) for arm, sc in base.items()}
+    for (*where, lr), runs in groups.items():
+        scores[tuple(where)][lr] = score(runs)
     out = {}
-    for (arm, layers, experts), sc in sorted(scores.items()):
+    for (arm, *where), sc in sorted(scores.items()):
         best_lr = min(sc, key=sc.get)
         best = sc[best_lr]
-        runs = [r for lr in sc for r in groups[(arm, layers, experts, lr)]]
-        t_lr = base_best.get(arm)
+        runs = [r for lr in sc for r in groups[(arm, *where, lr)]]
+        base = scores.get((arm, *base_of(tuple(where))))
+        t_lr = min(base, key=base.get) if base else None
         error = None
         if t_lr is not None and t_lr in sc and math.isfinite(best):
             error = sc[t_lr] - best
-        out[(arm, layers, experts)] = DepthCell(
+        out[(arm, *where)] = DepthCell(
             lrs=tuple(sorted(sc)),
             best_lr=best_lr if math.isfinite(best) else None,
             best_loss=best,
@@ -144,6 +148,11 @@ def depth_cells(records: list[dict], baseline: float, base_layers: int = 6) -> d
             transfer_error=error,
         )
     return out
+
+
+def depth_cells(records: list[dict], baseline: float, base_layers: int = 6) -> dict[tuple[str, int, int], DepthCell]:
+    """`sweep_cells` per (arm, layers, experts), transferring each arm's best learning rate at dense `base_layers`."""
+    return sweep_cells(records, baseline, lambda r: (r["layers"], r["experts"]), lambda _: (base_layers, 0))
 
 
 @dataclasses.dataclass(frozen=True)
