@@ -1,5 +1,5 @@
-"""Issue 20 ("Trust, round two"), item 7: publishing sends model files only, whatever folder it builds in, and
-renders the card's free text as inert text."""
+"""Issue 20 ("Trust, round two"), items 7 and 10: publishing sends model files only, whatever folder it builds in,
+and renders the card's free text as inert text; a training checkpoint loads through remote code like an export."""
 
 import copy
 import json
@@ -12,9 +12,13 @@ from huggingface_hub import EvalResult, ModelCard
 from spannorm_hf.cli import InputError
 from spannorm_hf.files import OUTPUT_MARKER
 from spannorm_hf.integrations.hub import build_hub_folder, load_checkpoint, publish_main, render_model_card
+from spannorm_hf.training.trainer import parse_args, train
 
 from helpers import (
+    argv,
+    clean_accelerate_state,
     finished_run_folder,
+    run_without_package,
     save_tiny_checkpoint,
     snapshot,
     tiny_config,
@@ -150,3 +154,36 @@ def test_card_free_text_cannot_break_the_card(tmp_path):
         parser.feed(MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(section))
         assert set(parser.tags) == {"table", "thead", "tbody", "tr", "th", "td"}, section
         assert [cell.strip() for cell in parser.cells] == cells, section
+
+
+@pytest.mark.slow  # a tiny training run, then a fresh Python importing transformers
+def test_a_training_checkpoint_loads_like_an_export_without_the_package(files, tmp_path):
+    """Item 10: `from_pretrained(run/checkpoints/step-N, trust_remote_code=True)` failed (configuration_spannorm.py
+    missing, though config.json's auto_map names it). A checkpoint now carries both code files, as the export does:
+    where the package cannot be imported, it loads through remote code and gives the export's logits (the same
+    weights and code: an identical computation, compared exactly), and its tokenizer loads from `tokenizer/`."""
+    run = tmp_path / "run"
+    options = dict(max_steps=2, save_every=2, eval_every=2, diag_every=0)
+    with clean_accelerate_state():
+        train(parse_args(argv(files, run, **options)))
+    (step,) = (run / "checkpoints").iterdir()
+    found, output = run_without_package(LOAD_CHECKPOINT, [str(step), str(run)], tmp_path)
+    assert "custom code" not in output  # no y/N prompt on the way
+    assert found["modules"] == ["transformers_modules", "transformers_modules"]
+    assert found["same_logits"] and found["same_tokens"]
+
+
+LOAD_CHECKPOINT = """
+from transformers import AutoModelForCausalLM, AutoTokenizer
+checkpoint, export = sys.argv[1], sys.argv[2]
+models = [AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval() for path in (checkpoint, export)]
+tokenizer = AutoTokenizer.from_pretrained(checkpoint, subfolder="tokenizer")
+ids = torch.tensor([AutoTokenizer.from_pretrained(export, trust_remote_code=True)("import os")["input_ids"]])
+with torch.no_grad():
+    logits = [model(ids).logits for model in models]
+print(json.dumps({
+    "modules": [type(model).__module__.split(".")[0] for model in models],
+    "same_logits": torch.equal(*logits),
+    "same_tokens": tokenizer("import os")["input_ids"] == ids[0].tolist(),
+}))
+"""
