@@ -249,9 +249,13 @@ def test_push_to_hub_writes_the_same_code_files(moe_checkpoint, tmp_path, hub_at
     assert {"model.safetensors", "generation_config.json"} <= set(pushed["files"])
 
 
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "optimizer.safetensors", "train_state.json")
+
+
 def checkpoint_folder(root: Path, name: str) -> Path:
+    """A model folder with the training state a Trainer or scripts/train.py checkpoint keeps beside it."""
     folder = save_tiny_checkpoint(root / name)
-    for state in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+    for state in TRAINING_STATE:
         (folder / state).write_bytes(b"state")
     (folder / "trainer_state.json").write_text("{}")
     return folder
@@ -274,15 +278,11 @@ def test_checkpoint_pusher_commits_each_save_in_the_background(tmp_path, hub_at,
     ]
     for commit in fake_hub.commits:
         files = set(commit["files"])
-        assert {"config.json", "model.safetensors", "README.md", "trainer_state.json", *CODE_FILES} <= files
-        assert not files & {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+        assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", *CODE_FILES} <= files
+        assert not files & {*TRAINING_STATE, "trainer_state.json"}  # model files only (HUB_FILES)
     assert "alice/run" in fake_hub.commits[0]["files"]["README.md"].decode()
     branches = [path for _, path in fake_hub.calls if "/branch/" in path]
     assert branches == ["/api/models/alice/run/branch/checkpoint-100", "/api/models/alice/run/branch/checkpoint-200"]
-
-    with_state = CheckpointPusher("alice/run", include_optimizer=True)
-    with_state.finish(tmp_path / "checkpoint-100")
-    assert "optimizer.pt" in fake_hub.commits[-1]["files"]
 
 
 def test_checkpoint_pusher_without_token_or_network_warns_once(tmp_path, hub_at, caplog, monkeypatch):

@@ -5,11 +5,19 @@ SpanNorm checkpoint. Out: `build_hub_folder` writes what a Hub repo needs (safet
 `auto_map`, both remote-code files, tokenizer, generation config, a model card rendered from
 `model_cards/spannorm.md`), `upload_hub_folder` sends it with `huggingface_hub`, and `CheckpointPusher` uploads
 training checkpoints in the background without ever raising into the training loop.
+
+What goes up is an allowlist (`HUB_FILES`), never "the folder": a folder may be a training run's (`--output-dir RUN
+--overwrite`), whose optimizer state, metrics, TensorBoard events and train_state.json are no one else's business.
+The card's free-text fields (training details, evaluation task names) are escaped (`card_text`): the card is
+public markdown with YAML front matter, and those fields come from files a user may have been handed.
 """
 
+import fnmatch
+import html
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
@@ -18,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -26,7 +34,7 @@ from transformers.configuration_utils import PreTrainedConfig
 
 from ..cli import ArgumentParser, InputError, command
 from ..configuration_spannorm import SCALED_SCHEMES, SpanNormConfig
-from ..files import OUTPUT_MARKER, atomic_output_dir, check_output_dir
+from ..files import atomic_output_dir, check_output_dir, read_output_marker
 from ..modeling_spannorm import SpanNormForCausalLM
 from ..parameters import parameter_counts
 
@@ -35,8 +43,33 @@ logger = logging.getLogger(__name__)
 # top-level model_cards/ is a link to this folder, which ships inside the wheel
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "spannorm.md"
 TRAINING_DETAILS_FILE = "training_details.json"  # a flat JSON object; fine-tuning and training write it
-# What a checkpoint folder may hold that a Hub repo should not, unless asked (fnmatch patterns; `*` spans `/`).
-OPTIMIZER_STATE_PATTERNS = ["*optimizer*", "*scheduler*", "*scaler.pt", "*rng_state*", "*random_states*"]
+# Every file a SpanNorm Hub repo holds, and all that publishing or pushing ever uploads (fnmatch patterns on paths
+# relative to the folder, matched level by level): the card; config and generation config; safetensors weights, one
+# file or shards with their index; the two remote-code files that config.json's auto_map names; the tokenizer
+# (transformers 5 saves tokenizer.json, tokenizer_config.json and chat templates; a slow tokenizer its vocabulary
+# under one of the usual names and added_tokens.json).
+HUB_FILES = (
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "configuration_spannorm.py",
+    "modeling_spannorm.py",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "additional_chat_templates/*.jinja",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
 
 # The model card's sentence for each of the config's NORM_SCHEME_NAMES (prose; tests check that none is missing).
 SCHEME_DESCRIPTIONS = {
@@ -187,6 +220,21 @@ def eval_results_from_json(results: dict[str, Any]) -> list[EvalResult]:
     return entries
 
 
+def _underscores(run: re.Match) -> str:
+    before, after = run.string[run.start() - 1 : run.start()], run.string[run.end() : run.end() + 1]
+    return run[0] if before.isalnum() and after.isalnum() else run[0].replace("_", r"\_")
+
+
+def card_text(value: Any) -> str:
+    """`value` as inert text in one markdown table cell of the card: on one line (no new rows, headings or front
+    matter), HTML-escaped (no tags), and markdown's inline syntax backslash-escaped (no links, images, code or
+    emphasis; an `_` inside a word is left alone, as markdown never reads it as emphasis). A list is joined."""
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(map(str, value)) or "none"
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return re.sub(r"_+", _underscores, re.sub(r"[\\`*\[\]|~]", r"\\\g<0>", text))
+
+
 def render_model_card(
     config: SpanNormConfig,
     repo_id: str,
@@ -229,7 +277,7 @@ def render_model_card(
     return ModelCard.from_template(
         card_data,
         template_path=str(template),
-        model_name=name,
+        model_name=card_text(name),
         repo_id=repo_id,
         norm_scheme=config.norm_scheme,
         scheme_description=SCHEME_DESCRIPTIONS[config.norm_scheme],
@@ -245,11 +293,16 @@ def render_model_card(
         max_position_embeddings=config.max_position_embeddings,
         total_params=_human(counts.total),
         active_params=_human(counts.active),
-        training_details={
-            key: (", ".join(map(str, value)) or "none") if isinstance(value, (list, tuple)) else value
-            for key, value in (training_details or {}).items()
-        },
-        eval_results=list(eval_results),
+        training_details={card_text(key): card_text(value) for key, value in (training_details or {}).items()},
+        eval_results=[
+            {
+                "task": card_text(result.dataset_name),
+                "metric": card_text(result.metric_type),
+                "value": f"{result.metric_value:.4g}",
+                "source": card_text(result.source_name or ""),
+            }
+            for result in eval_results
+        ],
     )
 
 
@@ -271,14 +324,33 @@ def build_hub_folder(
         model.save_pretrained(staging, max_shard_size=max_shard_size)  # weights, config + auto_map, code files
         save_tokenizer(tokenizer, staging, model.config.max_position_embeddings)
         card.save(staging / "README.md")
+        stray = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()]
+        stray = [name for name in stray if not is_hub_file(name)]
+        if stray:  # e.g. a slow tokenizer that keeps its vocabulary under an unusual name
+            raise InputError(
+                f"the Hub folder would hold {stray[0]!r}, which is not one of the model files a Hub repo may hold "
+                "(HUB_FILES in spannorm_hf/integrations/hub.py); nothing was written: if it is a tokenizer file, "
+                "save the tokenizer as a fast one (tokenizer.json)"
+            )
     return Path(output_dir).expanduser().resolve()
 
 
-def folder_listing(folder: str | os.PathLike) -> list[tuple[str, int]]:
-    """(relative path, bytes) of every file an upload of `folder` would send (not the ownership marker)."""
+def is_hub_file(name: str) -> bool:
+    """Whether the relative path `name` is one of `HUB_FILES` (each pattern matches as many folder levels as it has)."""
+    return any(fnmatch.fnmatchcase(name, p) and name.count("/") == p.count("/") for p in HUB_FILES)
+
+
+def hub_files(folder: str | os.PathLike) -> list[str]:
+    """The files an upload of `folder` sends, relative and sorted: the allowlisted ones among those the last
+    `build_hub_folder` wrote there (its ownership marker lists them, so stale shards of an earlier build or a
+    training run's own files stay behind), or among all its files when no build marked it."""
     root = Path(folder)
-    files = (p for p in root.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in files)
+    marker = read_output_marker(root)
+    if marker is not None and marker["kind"] == "hub-folder":
+        names = [str(name) for name in marker.get("files", [])]
+    else:
+        names = [p.relative_to(root).as_posix() for p in root.rglob("*")]
+    return sorted(name for name in names if is_hub_file(name) and (root / name).is_file())
 
 
 # ------------------------------------------------------------------------------------------------------- uploading
@@ -301,19 +373,19 @@ def upload_hub_folder(
     token: str | None = None,
     commit_message: str = "Upload SpanNorm model",
 ) -> str:
-    """create_repo + (create_branch) + upload_folder as one commit; returns the commit URL."""
+    """create_repo + (create_branch) + one commit of `hub_files(folder)`; returns the commit URL."""
     api = HfApi(token=token)
     api.create_repo(check_repo_id(repo_id), private=private, exist_ok=True)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        revision=revision,
-        commit_message=commit_message,
-        ignore_patterns=[OUTPUT_MARKER],
-    )
-    return commit.commit_url
+    return commit_hub_files(api, folder, repo_id, revision, commit_message)
+
+
+def commit_hub_files(api: HfApi, folder: str | os.PathLike, repo_id: str, revision: str | None, message: str) -> str:
+    """One commit of exactly `hub_files(folder)` to `revision` of `repo_id`; returns the commit URL."""
+    root = Path(folder)
+    files = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=root / name) for name in hub_files(root)]
+    return api.create_commit(repo_id, files, commit_message=message, revision=revision).commit_url
 
 
 class CheckpointPusher:
@@ -323,16 +395,15 @@ class CheckpointPusher:
     `push(folder, commit_message)` commits a checkpoint folder to its own branch (default: the folder's name, e.g.
     `checkpoint-500`, loadable with `from_pretrained(repo_id, revision="checkpoint-500")`) and returns at once with
     a `Future` (or None when pushing is off); `finish(final_folder)` commits the final model to `main` and waits
-    for every upload. Optimizer/scheduler/RNG state is left out unless `include_optimizer=True`. A model card is
-    written into a folder that holds a SpanNorm config.json and no README.md. Uploads run one at a time, in order,
-    on huggingface_hub's background worker (`HfApi.run_as_future`); keep a folder until its future is done.
+    for every upload. Only the model files of `HUB_FILES` go up (never optimizer, scheduler or RNG state). A model
+    card is written into a folder that holds a SpanNorm config.json and no README.md. Uploads run one at a time, in
+    order, on huggingface_hub's background worker (`HfApi.run_as_future`); keep a folder until its future is done.
     """
 
-    def __init__(self, repo_id: str, private: bool = False, token: str | None = None, include_optimizer: bool = False):
+    def __init__(self, repo_id: str, private: bool = False, token: str | None = None):
         self.repo_id = check_repo_id(repo_id)  # a typo should stop the run before training, not after
         self.private = private
         self.token = token or get_token()
-        self.ignore_patterns = [] if include_optimizer else list(OPTIMIZER_STATE_PATTERNS)
         self.futures: list[Future] = []
         self._api = HfApi(token=self.token)
         self._repo_ready = False
@@ -354,14 +425,7 @@ class CheckpointPusher:
             self._repo_ready = True
         if branch != "main":
             self._api.create_branch(self.repo_id, branch=branch, exist_ok=True)
-        commit = self._api.upload_folder(
-            repo_id=self.repo_id,
-            folder_path=folder,
-            revision=branch,
-            commit_message=commit_message,
-            ignore_patterns=[*self.ignore_patterns, OUTPUT_MARKER],
-        )
-        return commit.commit_url
+        return commit_hub_files(self._api, folder, self.repo_id, branch, commit_message)
 
     def _on_done(self, future: Future) -> None:
         error = future.exception()
@@ -494,12 +558,11 @@ def publish_main(argv: Sequence[str] | None = None) -> int:
         eval_results=evals,
         training_details=details,
     )
-    listing = folder_listing(folder)
     target = f"{args.repo_id}@{args.revision or 'main'}" + (" (private)" if args.private else "")
     print(f"Hub folder: {folder}")
     print(f"Files for {target}:")
-    for path, size in listing:
-        print(f"  {path:40s} {size:>14,d} bytes")
+    for name in hub_files(folder):
+        print(f"  {name:40s} {(folder / name).stat().st_size:>14,d} bytes")
     token = get_token()
     if args.dry_run or token is None:
         why = "--dry-run" if args.dry_run else "no Hugging Face token (set HF_TOKEN or run `hf auth login`)"

@@ -6,7 +6,8 @@ A checkpoint folder holds:
   state, keyed by parameter name;
 - `train_state.json`: step, tokens, learning-rate scheduler, gradient scaler, run arguments;
 - `rng_state_<rank>.json` (and `stream_state_<rank>.json` when streaming): each process's RNG / stream position;
-- `config.json`, `tokenizer/`;
+- `config.json` and the two model code files its `auto_map` names, as in an export, so that
+  `AutoModelForCausalLM.from_pretrained(step-N, trust_remote_code=True)` loads it without this package; `tokenizer/`;
 - `manifest.json`, written last: every other file's name, size and sha256.
 
 Nothing is ever unpickled: tensors are read with safetensors, everything else with `json`. accelerate's
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from transformers import AutoTokenizer
+from transformers.dynamic_module_utils import custom_object_save
 
 from ..cli import InputError
 from ..configuration_spannorm import SpanNormConfig
@@ -51,6 +53,7 @@ from ..files import (
     claim_output_dir,
     naming_disk_full,
 )
+from ..modeling_spannorm import SpanNormForCausalLM
 from .arguments import SetupError, TrainArguments
 from .data import StreamRows, tokenizer_fingerprint
 from .export import HUB_UPLOADS
@@ -458,6 +461,7 @@ class Checkpointer:
             if accelerator.is_main_process:
                 with naming_disk_full(tmp / "config.json"):
                     config.to_json_file(tmp / "config.json")
+                    custom_object_save(SpanNormForCausalLM, tmp)  # modeling + configuration_spannorm.py
                 with naming_disk_full(tmp / "tokenizer"):
                     tokenizer.save_pretrained(tmp / "tokenizer")
                 with naming_disk_full(tmp / TRAIN_STATE):
