@@ -3,6 +3,7 @@ learning rate x seed runs, and the model and training shape every run of a grid 
 `GRIDS`; `compare_norms.py --grid NAME` runs it."""
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,7 @@ class Arm:
     learnable_skip: bool = False
     block: Callable | None = None
     label: str = ""
+    mup_base_width: int | None = None  # the width rule (issue 19): SpanNormConfig's field, None = off
 
 
 ARMS: dict[str, Arm] = {
@@ -63,6 +65,17 @@ ARMS: dict[str, Arm] = {
         # depth grid differ in `residual_scale` alone.
         Arm("span-mup", "span", "depth_mup", "deepnet", label="SpanNorm, a=(2L)^1/2 (depth-muP), b=(8L)^-1/4"),
         Arm("span-completep", "span", "completep", "deepnet", label="SpanNorm, a=2L (CompleteP; default), b=(8L)^-1/4"),
+        # The width rule (issue 19) at base width 128, where the default was tuned; each arm otherwise as above.
+        Arm(
+            "span-completep-w",
+            "span",
+            "completep",
+            "deepnet",
+            label="SpanNorm default + width rule (base 128)",
+            mup_base_width=128,
+        ),
+        Arm("pre-w", "pre", label="PreNorm + width rule (base 128)", mup_base_width=128),
+        Arm("peri-w", "peri", label="Peri-LN + width rule (base 128)", mup_base_width=128),
     )
 }
 
@@ -81,22 +94,26 @@ class RunSpec:
     experts: int
     lr: float
     seed: int
+    width: int | None = None  # None: the grid's width (every grid before the width study)
 
     @property
     def key(self) -> str:
-        return f"{self.arm}|L{self.layers}|E{self.experts}|lr{self.lr:g}|s{self.seed}"
+        width = "" if self.width is None else f"|W{self.width}"
+        return f"{self.arm}|L{self.layers}{width}|E{self.experts}|lr{self.lr:g}|s{self.seed}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Section:
-    """A block of the grid: every arm x layers x lr x seed, dense (`experts=0`) or MoE. `seeds` overrides the
-    grid's seeds (for a cheap extra learning rate measured on fewer seeds)."""
+    """A block of the grid: every arm x layers x width x lr x seed, dense (`experts=0`) or MoE. `seeds` overrides
+    the grid's seeds (for a cheap extra learning rate measured on fewer seeds); `widths` other than None scale the
+    grid's model (`Grid.dims`)."""
 
     arms: tuple[str, ...]
     layers: tuple[int, ...]
     lrs: tuple[float, ...]
     experts: int = 0
     seeds: tuple[int, ...] | None = None
+    widths: tuple[int | None, ...] = (None,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,14 +152,23 @@ class Grid:
             for sec in sections:
                 if seed not in (sec.seeds or self.seeds):
                     continue
-                for layers in sec.layers:
-                    for lr in sec.lrs:
-                        for arm in sec.arms:
-                            spec = RunSpec(arm, layers, sec.experts, lr, seed)
-                            if spec.key not in seen:
-                                seen.add(spec.key)
-                                out.append(spec)
+                for layers, width, lr, arm in itertools.product(sec.layers, sec.widths, sec.lrs, sec.arms):
+                    spec = RunSpec(arm, layers, sec.experts, lr, seed, width)
+                    if spec.key not in seen:
+                        seen.add(spec.key)
+                        out.append(spec)
         return out
+
+    def dims(self, width: int | None) -> tuple[int, int, int]:
+        """(hidden size, heads, FFN width) of a run at `width`: the grid's own for None; otherwise heads of the
+        grid's head size and an FFN of the grid's FFN/width ratio, so every hidden dimension grows together (the
+        width rule's assumption)."""
+        if width is None:
+            return self.width, self.heads, self.ffn
+        head_dim = self.width // self.heads
+        if width % head_dim or (self.ffn * width) % self.width:
+            raise ValueError(f"width {width} is not a multiple of the head size {head_dim} and FFN ratio's unit")
+        return width, width // head_dim, self.ffn * width // self.width
 
     def shape(self) -> dict:
         """The fields every record of this grid must share (checked when resuming). The run order is not one of
@@ -219,6 +245,38 @@ DEPTH_SECTIONS = (
     Section(DEPTH_RULE_ARMS, (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),  # the revisit's other brackets at L = 48
     Section(DEPTH_ARMS, VERDICT_DEPTHS + (48,), DEPTH_EDGE_LRS, seeds=(0, 1)),
     Section(DEPTH_ARMS, (12,), DEPTH_EDGE_LRS, experts=4, seeds=(0, 1)),
+)
+
+# The width study (issue 19): does one learning rate, tuned at width 128, carry to widths 64..512 with the width rule
+# (`mup_base_width=128`), and without it? The depth grid's protocol (200 steps x 16 x 64 bytes, AdamW, warmup and
+# cosine), heads of 32 and an FFN of 43/16 the width (4 heads and 344 at width 128, as in the depth grid). The rule
+# that decides is `verdicts.width_verdict`, committed before any run of this grid. Sections in priority order:
+#   1-2. both arms at L = 6, widths 64, 128, 256, then 512, four central learning rates, seeds 0 and 1;
+#   3. both arms at L = 12, widths 64, 128, 256, same, seeds 0 and 1;
+#   4. the third seed at the verdict's cells (L = 6, every width, both arms, the three learning rates around the
+#      default's width-128 best, 1.6e-2);
+#   5. one x2 step beyond each end (2e-3, 6.4e-2) at every cell, seeds 0 and 1 (the verdict asks only for the
+#      brackets that a best at an edge needs; the rest decide nothing);
+#   6. PreNorm and Peri-LN with the width rule at widths 256 and 512 (L = 6), around their width-128 bests;
+#   7. the joint check: width 256 at L = 24 with both rules.
+# Cost (CPU seconds of one 200-step L = 6 run, one thread): about 15 at width 64, 48 at 128, 150 at 256, 480 at 512
+# (estimated, ~width^1.6); sections 1-3 about 5 CPU-hours.
+WIDTH_ARMS = ("span-completep", "span-completep-w")  # without and with the width rule
+WIDTH_BASE = 128
+WIDTHS = (64, 128, 256, 512)
+WIDTH_L12 = (64, 128, 256)
+WIDTH_VERDICT_SETTINGS = ((6, WIDTHS), (12, WIDTH_L12))  # (depth, widths) the width verdict is decided on
+WIDTH_LRS = (4e-3, 8e-3, 1.6e-2, 3.2e-2)
+WIDTH_EDGE_LRS = (2e-3, 6.4e-2)
+WIDTH_SECTIONS = (
+    Section(WIDTH_ARMS, (6,), WIDTH_LRS, widths=(64, 128, 256), seeds=(0, 1)),
+    Section(WIDTH_ARMS, (6,), WIDTH_LRS, widths=(512,), seeds=(0, 1)),
+    Section(WIDTH_ARMS, (12,), WIDTH_LRS, widths=WIDTH_L12, seeds=(0, 1)),
+    Section(WIDTH_ARMS, (6,), (8e-3, 1.6e-2, 3.2e-2), widths=WIDTHS, seeds=(2,)),
+    Section(WIDTH_ARMS, (6,), WIDTH_EDGE_LRS, widths=WIDTHS, seeds=(0, 1)),
+    Section(WIDTH_ARMS, (12,), WIDTH_EDGE_LRS, widths=WIDTH_L12, seeds=(0, 1)),
+    Section(("pre-w", "peri-w"), (6,), (2e-3, 4e-3, 8e-3, 1.6e-2), widths=(256, 512), seeds=(0, 1)),
+    Section(("span-completep-w",), (24,), (4e-3, 8e-3, 1.6e-2, 3.2e-2), widths=(256,), seeds=(0, 1)),
 )
 
 # The full grid, in seed-major order: the L=12 LR sweep of every scheme, SpanNorm's scaling candidates, L=6 dense and
@@ -351,5 +409,16 @@ GRIDS: dict[str, Grid] = {
         ffn=344,
         steps=800,
         verdict="none",  # a follow-up at chosen learning rates: no learning-rate sweep to decide on
+    ),
+    # Issue 19: one learning rate from width 64 to 512 (see the comment above WIDTH_SECTIONS).
+    "width": Grid(
+        "width",
+        sections=WIDTH_SECTIONS,
+        seeds=(0, 1, 2),
+        order="section",
+        width=WIDTH_BASE,
+        heads=4,
+        ffn=344,
+        verdict="width",
     ),
 }

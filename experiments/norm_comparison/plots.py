@@ -2,6 +2,7 @@
 plot is drawn)."""
 
 import io
+import itertools
 import math
 import statistics
 from collections import defaultdict
@@ -52,7 +53,10 @@ def _pyplot():
 
 
 def plot_all(records: list[dict], grid: Grid, out_dir: Path, baseline: float = math.nan) -> list[Path]:
-    """loss_curves.png, lr_sensitivity.png, loss_vs_depth.png, per_layer_init.png, per_layer_end.png."""
+    """loss_curves.png, lr_sensitivity.png, loss_vs_depth.png, per_layer_init.png, per_layer_end.png (the width
+    grid: width_transfer.png alone, since the others do not tell widths apart)."""
+    if grid.verdict == "width":
+        return [plot_width(records, grid, out_dir, baseline)]
     made = [_plot_loss_curves(records, grid, out_dir, baseline), _plot_lr_sensitivity(records, out_dir, baseline)]
     dense_depths = sorted({r["layers"] for r in records if r["experts"] == 0})
     if len(dense_depths) > 1:
@@ -280,3 +284,41 @@ def _ylim(ax) -> tuple[float, float]:
         return 0.0, 1.0
     low = min(ys)
     return low - 0.05, min(max(ys), low + 1.0) + 0.05
+
+
+def plot_width(records: list[dict], grid: Grid, out_dir: Path, baseline: float = math.nan) -> Path:
+    """width_transfer.png, muP's figure: validation loss vs learning rate, one curve per width (mean ± std over
+    seeds, non-finite settings left out), one row per depth, one column per arm of the width grid."""
+    plt = _pyplot()
+    arms = [a for a in _arms_in(records) if any(sec.widths != (None,) and a in sec.arms for sec in grid.sections)]
+    depths = sorted({r["layers"] for r in records if r["arm"] in arms})
+    widths = sorted({r.get("width") or grid.width for r in records})
+    runs = defaultdict(list)
+    for r in records:
+        runs[(r["arm"], r["layers"], r.get("width") or grid.width, r["lr"])].append(r)
+    colors = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(len(depths), len(arms), figsize=(5.2 * len(arms), 3.8 * len(depths)), squeeze=False)
+    for (i, layers), (j, arm) in itertools.product(enumerate(depths), enumerate(arms)):
+        ax = axes[i][j]
+        for k, width in enumerate(widths):
+            pts = sorted((lr, rs) for (a, lay, w, lr), rs in runs.items() if (a, lay, w) == (arm, layers, width))
+            pts = [(lr, _finite_stats(rs)) for lr, rs in pts if all(r["val_loss"] is not None for r in rs)]
+            if pts:
+                lrs, stats = zip(*pts, strict=True)
+                means, stds = zip(*stats, strict=True)
+                color = colors(k / max(1, len(widths) - 1))
+                ax.errorbar(lrs, means, yerr=stds, marker="o", ms=3, capsize=2, color=color, label=f"width {width}")
+                best = min(range(len(means)), key=means.__getitem__)
+                ax.plot(lrs[best], means[best], marker="*", ms=12, color=color)
+        ax.axhline(baseline, color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{arm}, L={layers}", fontsize=9)
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("val loss (nats/byte)")
+        ax.set_ylim(*_ylim(ax))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "width_transfer.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path

@@ -5,6 +5,7 @@ folder at no training cost."""
 import math
 import os
 import statistics
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from grids import (
     REVISIT_SEEDS,
     VERDICT_DEPTHS,
     VERDICT_SEEDS,
+    WIDTH_BASE,
+    WIDTH_VERDICT_SETTINGS,
+    WIDTHS,
     Grid,
     RunSpec,
 )
@@ -38,8 +42,11 @@ from verdicts import (
     best_lrs,
     depth_cells,
     depth_verdict,
+    joint_check,
     scaling_verdict,
     score,
+    width_cells,
+    width_verdict,
 )
 
 
@@ -61,6 +68,8 @@ def cell(runs: list[dict]) -> str:
 
 def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) -> str:
     """All result tables as markdown (mean ± std over seeds of the final validation loss, in nats per byte)."""
+    if grid.verdict == "width":
+        return width_report(records, grid, baseline)
     groups = _group(records)
     arms = _arms_in(records)
     seeds = sorted({r["seed"] for r in records})
@@ -280,23 +289,26 @@ def _depth_rule_table(
 def _coverage_table(records: list[dict], grid: Grid) -> str:
     """How many runs of each section of the grid are done: where a resumable, partly run grid stands."""
     done = {r["key"] for r in records}
+    sized = any(sec.widths != (None,) for sec in grid.sections)  # a widths column only for grids that vary width
     lines = [
         "## Grid coverage",
         "",
-        "| section | arms | layers | experts | lrs | seeds | done |",
-        "|---|---|---|---|---|---|---|",
+        "| section | arms | layers | " + ("widths | " if sized else "") + "experts | lrs | seeds | done |",
+        "|---|---|---|---|---|---|" + ("---|" if sized else "") + "---|",
     ]
     for i, sec in enumerate(grid.sections, 1):
         seeds = sec.seeds or grid.seeds
         keys = {
-            RunSpec(arm, layers, sec.experts, lr, seed).key
+            RunSpec(arm, layers, sec.experts, lr, seed, width).key
             for arm in sec.arms
             for layers in sec.layers
+            for width in sec.widths
             for lr in sec.lrs
             for seed in seeds
         }
+        widths = f"{', '.join(map(str, sec.widths))} | " if sized else ""
         lines.append(
-            f"| {i} | {', '.join(sec.arms)} | {', '.join(map(str, sec.layers))} | {sec.experts} | "
+            f"| {i} | {', '.join(sec.arms)} | {', '.join(map(str, sec.layers))} | {widths}{sec.experts} | "
             f"{', '.join(_lr_key(lr) for lr in sec.lrs)} | {', '.join(map(str, seeds))} | "
             f"{len(keys & done)}/{len(keys)} |"
         )
@@ -368,3 +380,108 @@ def write_report(out_dir: Path, grid: Grid, data: str | os.PathLike | None = Non
     table = out_dir / "table.md"
     atomic_write_text(table, markdown_table(records, grid, baseline))
     return [table, *plot_all(records, grid, out_dir, baseline)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The width study (issue 19)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def width_report(records: list[dict], grid: Grid, baseline: float) -> str:
+    """table.md of the width grid: each arm's sweep per width and depth, the pre-registered verdict, the joint
+    check, and the grid's coverage."""
+    seeds = sorted({r["seed"] for r in records})
+    head = [
+        f"# Width transfer ({grid.name} grid)",
+        "",
+        f"Byte-level LM on one text; widths {', '.join(map(str, WIDTHS))} with heads of {grid.width // grid.heads} "
+        f"and an FFN of {grid.ffn}/{grid.width} the width, {grid.steps} steps x {grid.batch_size} x {grid.seq_len} "
+        f"bytes, AdamW (0.9, 0.95, wd 0.1), {100 * grid.warmup_frac:g}% warmup + cosine, clip 1.0. Validation loss "
+        f"in nats/byte, mean ± std over seeds {seeds}; unigram loss {baseline:.3f}. The width rule is "
+        f"`mup_base_width={WIDTH_BASE}`.",
+    ]
+    parts = [
+        "\n".join(head),
+        _width_sweep_table(records, baseline),
+        _width_rule_table(records, baseline),
+        _joint_table(records, baseline),
+        _coverage_table(records, grid),
+        "## Arms\n\n" + "\n".join(f"- `{a}`: {ARMS[a].label}" for a in _arms_in(records)),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _width_sweep_table(records: list[dict], baseline: float) -> str:
+    """Per arm, depth and width: lrs run, best lr, loss at best, usable window, stuck/div, transfer error."""
+    cells = width_cells(records, baseline)
+    lines = [
+        "## Each arm's learning-rate sweep at each width",
+        "",
+        f"Usable window: learning rates within {USABLE_NATS} nat of the best. Transfer error: the loss at the arm's "
+        f"best learning rate at width {WIDTH_BASE} (same depth) minus the loss at its own best.",
+        "",
+        "| arm | L | width | lrs run | best lr | loss at best | usable window | stuck | div | transfer error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    runs = defaultdict(list)
+    for r in records:
+        runs[(r["arm"], r.get("width") or WIDTH_BASE, r["layers"], r["lr"])].append(r)
+    for (arm, width, layers), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        best = cell(runs[(arm, width, layers, c.best_lr)]) if c.best_lr is not None else "—"
+        usable = ", ".join(_lr_key(lr) for lr in c.usable) if c.best_lr is not None else "none"
+        te = "—" if c.transfer_error is None else f"{c.transfer_error:+.3f} (lr {_lr_key(c.transfer_lr)})"
+        lines.append(
+            f"| {arm} | {layers} | {width} | {', '.join(_lr_key(lr) for lr in c.lrs)} | "
+            f"{_lr_key(c.best_lr) if c.best_lr is not None else '—'} | {best} | {usable} | {c.stuck}/{c.runs} | "
+            f"{c.diverged}/{c.runs} | {te} |"
+        )
+    return "\n".join(lines)
+
+
+def _width_rule_table(records: list[dict], baseline: float) -> str:
+    """The pre-registered rule (`width_verdict`), each arm's transfer errors under it, and its status."""
+    verdict = width_verdict(records, baseline)
+    where = [(layers, w) for layers, widths in WIDTH_VERDICT_SETTINGS for w in widths if w != WIDTH_BASE]
+    lines = [
+        "## Does the width rule ship on? (the pre-registered rule)",
+        "",
+        "On if and only if (1) no seed of the rule's arm is stuck or diverged at or below any cell's best, (2) its "
+        f"mean transfer error beats the default without it by more than {TRANSFER_TIE}, and (3) at the largest "
+        f"width its loss at own best is at most {USABLE_NATS} above the default's without it (`width_verdict`).",
+        "",
+        "| arm | " + " | ".join(f"L={lay} W={w}" for lay, w in where) + " | mean | stuck/diverged at or below best |",
+        "|---|" + "---|" * (len(where) + 2),
+    ]
+    for arm, row in verdict.rows.items():
+        te = [row["transfer"].get(lw) for lw in where]
+        fails = ", ".join(row["fails"][:6]) + (f" (+{len(row['fails']) - 6})" if len(row["fails"]) > 6 else "")
+        lines.append(
+            f"| {arm} | "
+            + " | ".join("—" if v is None else f"{v:+.3f}" for v in te)
+            + f" | {_num(row['mean_transfer'])} | {fails or 'none'} |"
+        )
+    lines += ["", f"Verdict: **{verdict.status}**. " + "; ".join(verdict.reasons) + "."]
+    if verdict.status == "undecided":
+        shown = ", ".join(f"`{k}`" for k in verdict.missing[:30])
+        more = f" and {len(verdict.missing) - 30} more" if len(verdict.missing) > 30 else ""
+        lines += [
+            "",
+            f"Provisional (not a verdict): {verdict.provisional}. Missing {len(verdict.missing)} runs: {shown}{more}.",
+        ]
+    return "\n".join(lines)
+
+
+def _joint_table(records: list[dict], baseline: float) -> str:
+    """Issue 19 item 3: at width 256 with both rules, is the best lr within one x2 step of width 128's at L = 6?"""
+    lines = [
+        "## Joint check: width 256 with both rules (span-completep-w)",
+        "",
+        "| L | best lr | width-128 L=6 best | within one x2 step |",
+        "|---|---|---|---|",
+    ]
+    for layers, (best, base, ok) in joint_check(records, baseline).items():
+        lines.append(
+            f"| {layers} | {_lr_key(best) if best else '—'} | {_lr_key(base) if base else '—'} | "
+            f"{'—' if ok is None else 'yes' if ok else 'no'} |"
+        )
+    return "\n".join(lines)

@@ -106,19 +106,22 @@ def train_batches(train: torch.Tensor, grid: Grid, seed: int) -> Iterable[torch.
 def build_model(spec: RunSpec, grid: Grid) -> SpanNormForCausalLM:
     """The arm's model, initialised from `spec.seed`."""
     arm = ARMS[spec.arm]
-    moe = {"num_experts_per_tok": grid.experts_per_tok, "moe_intermediate_size": grid.ffn // grid.experts_per_tok}
+    width, heads, ffn = grid.dims(spec.width)
+    moe = {"num_experts_per_tok": grid.experts_per_tok, "moe_intermediate_size": ffn // grid.experts_per_tok}
+    rule = {} if arm.mup_base_width is None else {"mup_base_width": arm.mup_base_width}
     config = SpanNormConfig(  # MoE: the active FFN width (top-k x expert width) equals the dense FFN's
         vocab_size=VOCAB,
-        hidden_size=grid.width,
-        intermediate_size=grid.ffn,
+        hidden_size=width,
+        intermediate_size=ffn,
         num_hidden_layers=spec.layers,
-        num_attention_heads=grid.heads,
+        num_attention_heads=heads,
         max_position_embeddings=grid.seq_len,
         norm_scheme=arm.norm_scheme,
         residual_scale=arm.residual_scale,
         branch_init_gain=arm.branch_init_gain,
         num_experts=spec.experts,
         **(moe if spec.experts else {}),
+        **rule,
         pad_token_id=None,
         bos_token_id=None,
         eos_token_id=None,

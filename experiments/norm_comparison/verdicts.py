@@ -8,7 +8,18 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
-from grids import ARMS, DEPTH_LRS, DEPTH_RULE_ARMS, VERDICT_DEPTHS, VERDICT_SEEDS, RunSpec
+from grids import (
+    ARMS,
+    DEPTH_LRS,
+    DEPTH_RULE_ARMS,
+    VERDICT_DEPTHS,
+    VERDICT_SEEDS,
+    WIDTH_ARMS,
+    WIDTH_BASE,
+    WIDTH_LRS,
+    WIDTH_VERDICT_SETTINGS,
+    RunSpec,
+)
 
 STUCK_NATS = 0.05  # a run ending within this of the unigram (byte-frequency) loss did not train
 
@@ -248,3 +259,126 @@ def depth_verdict(
     if provisional is None:
         return DepthVerdict("none qualifies", None, None, rows, ())
     return DepthVerdict("decided", provisional, provisional, rows, ())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The width study (issue 19)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def width_cells(records: list[dict], baseline: float, base_width: int = WIDTH_BASE) -> dict[tuple, DepthCell]:
+    """`sweep_cells` per (arm, width, layers), transferring each arm's best learning rate at `base_width` and the
+    same depth (a run without a width ran at the base width)."""
+    return sweep_cells(
+        records, baseline, lambda r: (r.get("width") or base_width, r["layers"]), lambda w: (base_width, w[1])
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthVerdict:
+    """The outcome of `width_verdict`: `status` "rule on" (the presets ship with the width rule), "rule off" or
+    "undecided" (`missing` lists the run keys still needed); `provisional` is the status the rule gives on the
+    records present; `reasons` say which conditions hold and which fail."""
+
+    status: str
+    provisional: str
+    reasons: tuple[str, ...]
+    rows: dict[str, dict]  # per arm: transfer errors per (layers, width), their mean, why disqualified
+    missing: tuple[str, ...]
+
+
+def width_verdict(
+    records: list[dict],
+    baseline: float,
+    arms: tuple[str, str] = WIDTH_ARMS,
+    settings: tuple[tuple[int, tuple[int, ...]], ...] = WIDTH_VERDICT_SETTINGS,
+    lrs: tuple[float, ...] = WIDTH_LRS,
+    base_width: int = WIDTH_BASE,
+) -> WidthVerdict:
+    """The rule that decides whether the presets ship with the width rule on (issue 19), committed before any run
+    of the width grid. `arms` = (the default without the width rule, the default with it); `settings` = (depth,
+    widths) pairs; at each depth the learning rate transferred is the arm's best at `base_width` and that depth.
+
+    The width rule is on if and only if all three hold:
+    1. It qualifies: at no (depth, width) does a seed of the rule's arm get stuck (within STUCK_NATS of the unigram
+       loss) or diverge at any learning rate at or below that cell's best (a user going lower to be safe must get a
+       model that trains).
+    2. It transfers better: its mean transfer error over every (depth, width) other than the base width is smaller
+       than the arm without the rule's by more than TRANSFER_TIE.
+    3. It costs nothing at scale: at the largest width of the first depth, its loss at its own best is at most
+       USABLE_NATS above the loss of the arm without the rule at that arm's own best.
+    Data required ("undecided" until then): both arms at every (depth, width) x `lrs` on seeds 0 and 1; every best
+    bracketed (where the best sits at the lowest or highest learning rate run, half or twice it, seeds 0 and 1);
+    the transferred learning rate at every width, seeds 0 and 1; and seed 2 at the first depth, at every width, at
+    each arm's best and transferred learning rates (the verdict's cells).
+    """
+    have = {r["key"] for r in records}
+    cells = width_cells([r for r in records if r["arm"] in arms], baseline, base_width)
+    where = [(layers, width) for layers, widths in settings for width in widths]
+    need = [RunSpec(a, layers, 0, lr, s, w) for a in arms for layers, w in where for lr in lrs for s in (0, 1)]
+    for arm in arms:
+        for layers, width in where:
+            c = cells.get((arm, width, layers))
+            if c is None or c.best_lr is None:
+                continue
+            extra = [c.transfer_lr] if c.transfer_lr is not None else []
+            extra += [c.best_lr / 2] if c.best_lr == c.lrs[0] else []
+            extra += [c.best_lr * 2] if c.best_lr == c.lrs[-1] else []
+            need += [RunSpec(arm, layers, 0, lr, s, width) for lr in extra for s in (0, 1)]
+            if layers == settings[0][0]:
+                third = sorted({c.best_lr, c.transfer_lr} - {None})
+                need += [RunSpec(arm, layers, 0, lr, 2, width) for lr in third]
+    missing = tuple(dict.fromkeys(spec.key for spec in need if spec.key not in have))
+
+    rows = {}
+    for arm in arms:
+        here = {(layers, width): cells.get((arm, width, layers)) for layers, width in where}
+        fails = [f"L={lw[0]} W={lw[1]}: no finished run" for lw, c in here.items() if c is None or c.best_lr is None]
+        for (layers, width), c in here.items():
+            if c is None or c.best_lr is None:
+                continue
+            for r in records:
+                if (r["arm"], r.get("width") or base_width, r["layers"]) != (arm, width, layers):
+                    continue
+                if r["lr"] <= c.best_lr and (r["diverged"] or is_stuck(r, baseline)):
+                    fails.append(f"L={layers} W={width} lr {_lr_key(r['lr'])} seed {r['seed']}")
+        errors = [c.transfer_error for (layers, width), c in here.items() if width != base_width and c is not None]
+        complete = len(errors) == sum(width != base_width for _, width in where) and None not in errors
+        rows[arm] = {
+            "transfer": {lw: (c.transfer_error if c is not None else None) for lw, c in here.items()},
+            "mean_transfer": statistics.fmean(errors) if complete else math.inf,
+            "fails": fails,
+        }
+    without, with_rule = arms
+    top = (settings[0][0], max(settings[0][1]))
+    best = {arm: cells.get((arm, top[1], top[0])) for arm in arms}
+    reasons = []
+    ok1 = not rows[with_rule]["fails"]
+    reasons.append("1 holds" if ok1 else "1 fails: " + "; ".join(rows[with_rule]["fails"][:5]))
+    gain = rows[without]["mean_transfer"] - rows[with_rule]["mean_transfer"]
+    ok2 = math.isfinite(rows[with_rule]["mean_transfer"]) and gain > TRANSFER_TIE
+    reasons.append(f"2 {'holds' if ok2 else 'fails'}: mean transfer error lower by {gain:.3f} (needs > {TRANSFER_TIE})")
+    cost = math.inf
+    if all(c is not None and c.best_lr is not None for c in best.values()):
+        cost = best[with_rule].best_loss - best[without].best_loss
+    ok3 = cost <= USABLE_NATS
+    reasons.append(f"3 {'holds' if ok3 else 'fails'}: loss at own best at L={top[0]} W={top[1]} {cost:+.3f} vs no rule")
+    provisional = "rule on" if ok1 and ok2 and ok3 else "rule off"
+    return WidthVerdict("undecided" if missing else provisional, provisional, tuple(reasons), rows, missing)
+
+
+def joint_check(
+    records: list[dict], baseline: float, arm: str = "span-completep-w", width: int = 256, base_width: int = WIDTH_BASE
+) -> dict[int, tuple[float | None, float | None, bool | None]]:
+    """Issue 19 item 3, per depth at `width`: (best lr, the arm's best lr at `base_width` and L = 6, whether the
+    two are within one x2 step). None where a cell has no finished run."""
+    cells = width_cells([r for r in records if r["arm"] == arm], baseline, base_width)
+    base = cells.get((arm, base_width, 6))
+    base_lr = base.best_lr if base is not None else None
+    out = {}
+    for (_, w, layers), c in sorted(cells.items()):
+        if w != width:
+            continue
+        ok = None if c.best_lr is None or base_lr is None else abs(math.log2(c.best_lr / base_lr)) <= 1 + 1e-9
+        out[layers] = (c.best_lr, base_lr, ok)
+    return out
