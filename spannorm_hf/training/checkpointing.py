@@ -50,6 +50,7 @@ from transformers import AutoTokenizer
 from ..cli import InputError, one_line
 from ..configuration_spannorm import SpanNormConfig
 from ..files import (
+    LOCK_FILES,
     OUTPUT_MARKER,
     OutputDirError,
     atomic_write_json,
@@ -378,11 +379,11 @@ def claim_output(output: Path, overwrite: bool, fresh: bool) -> None:
 
 
 def earlier_run_files(output: Path) -> list[str]:
-    """What an earlier run left in `output` (everything but the ownership marker and empty folders)."""
+    """What an earlier run left in `output` (everything but the ownership marker, the lock and empty folders)."""
     if not output.is_dir():
         return []
     empty = [p for p in output.iterdir() if p.is_dir() and not any(p.iterdir())]
-    return sorted(p.name for p in output.iterdir() if p.name != OUTPUT_MARKER and p not in empty)
+    return sorted(p.name for p in output.iterdir() if p.name not in (OUTPUT_MARKER, *LOCK_FILES) and p not in empty)
 
 
 # --------------------------------------------------------------------------------------------------- checkpointer
