@@ -9,6 +9,11 @@ command writing to disk follows.
   is refused before any work starts, with an error naming the folder and the option that overrides it
   (`--overwrite`); even then only the files the command itself writes are replaced, and nothing else in the
   folder is touched.
+- **One writer at a time.** A command that writes into an output folder for a long time (a training run) holds an
+  exclusive lock on it for its whole life (`locked_output_dir`: filelock's OS-level lock, which dies with its
+  process, so a killed run never blocks the next one). A second command into the same folder is refused, naming
+  the holder, before it changes anything there. A command that fails while setting up removes what it added
+  (`remove_additions_on_failure`), so a failed start never leaves a folder that refuses the rerun.
 
 A full disk is named (`DiskFullError`: "no space left on device while writing X") rather than surfacing as
 whatever the failing library says (`RuntimeError: basic_ios::clear`, a safetensors `IoError`).
@@ -18,13 +23,23 @@ import errno
 import json
 import os
 import shutil
+import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 OUTPUT_MARKER = ".spannorm-output.json"
+# The lock a command holds on its output folder, and who holds it (written after acquiring): bookkeeping, never
+# counted as the folder's content.
+LOCK_FILE = ".spannorm-lock"
+LOCK_HOLDER_FILE = ".spannorm-lock.json"
+LOCK_FILES = (LOCK_FILE, LOCK_HOLDER_FILE)
 # Kinds of output folder -> what writes them (for error messages).
 OUTPUT_KINDS = {
     "training-run": "a training run (scripts/train.py --output)",
@@ -36,6 +51,10 @@ OUTPUT_KINDS = {
 
 class OutputDirError(FileExistsError):
     """An output folder the command may not write into; the message says why and which option overrides it."""
+
+
+class OutputBusyError(OutputDirError):
+    """Another process holds the output folder's lock; the message names it (pid, host, start time)."""
 
 
 class DiskFullError(OSError):
@@ -143,7 +162,7 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, flag: str, overwrite
         return path
     if not path.is_dir():
         raise OutputDirError(f"{flag} {str(path)!r} exists and is not a folder: choose a folder path")
-    entries = sorted(entry.name for entry in path.iterdir())
+    entries = sorted(entry.name for entry in path.iterdir() if entry.name not in LOCK_FILES)
     marker = read_output_marker(path)
     if not entries or (marker is not None and marker["kind"] == kind) or overwrite:
         return path
@@ -227,3 +246,64 @@ def atomic_output_dir(
         write_output_marker(target, kind, files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- locks
+
+
+def _lock_holder(folder: Path) -> str:
+    """Who holds `folder`'s lock, as the holder recorded it."""
+    try:
+        holder = json.loads((folder / LOCK_HOLDER_FILE).read_text())
+        return f"pid {holder['pid']} on {holder['host']} (started {holder['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (one that has not recorded itself yet)"
+
+
+@contextmanager
+def locked_output_dir(path: str | os.PathLike, *, flag: str) -> Iterator[Path]:
+    """Hold an exclusive lock on the output folder `path` (created if missing) for the block, or raise
+    `OutputBusyError` naming the process that holds it. The lock is filelock's OS-level one (flock on POSIX): the
+    system releases it when its process dies, so a killed run's lock never blocks the next run. Once held, the
+    holder's pid, host, start time and command are written beside it, for the error a second command shows."""
+    path = Path(path).expanduser()
+    lock = FileLock(path / LOCK_FILE, timeout=0)  # one attempt: a busy folder is an error, not a wait
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
+        holder = _lock_holder(path)
+        raise OutputBusyError(
+            f"{flag} {str(path)!r} is in use by {holder}: wait for that run to end, or choose another folder"
+        ) from None
+    except OSError as error:
+        raise OutputDirError(f"{flag} {str(path)!r} is not writable: {error}") from error
+    try:
+        started = datetime.now().astimezone().isoformat(timespec="seconds")
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command}
+        with naming_disk_full(path / LOCK_HOLDER_FILE):  # in place: a temporary file would look like content
+            (path / LOCK_HOLDER_FILE).write_text(json.dumps(holder))
+        yield path
+    finally:
+        (path / LOCK_HOLDER_FILE).unlink(missing_ok=True)  # while still held: a stale record names nobody
+        lock.release()
+
+
+@contextmanager
+def remove_additions_on_failure(folder: str | os.PathLike) -> Iterator[None]:
+    """If the block raises, remove what it added to `folder` (its top-level entries that were not there before;
+    the lock and the ownership marker stay), so a command that fails while setting up leaves no files that would
+    make its rerun look like a write over an earlier output."""
+    folder = Path(folder)
+    before = set(os.listdir(folder))
+    try:
+        yield
+    except BaseException:
+        for name in sorted(set(os.listdir(folder)) - before - {OUTPUT_MARKER, *LOCK_FILES}):
+            entry = folder / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        raise

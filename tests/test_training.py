@@ -16,7 +16,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from spannorm_hf.files import OUTPUT_MARKER, claim_output_dir
+from spannorm_hf.files import LOCK_FILE, OUTPUT_MARKER, claim_output_dir
 from spannorm_hf.training.checkpointing import write_manifest
 from spannorm_hf.training.tokenizer import train_tokenizer
 from spannorm_hf.training.trainer import load_config, main, parse_args, train
@@ -270,7 +270,7 @@ def test_bad_input_fails_early_with_a_clear_message(files, tmp_path, capsys, cas
     assert message in err and err.count("\n") == 1 and err.startswith("error: ")  # one line
     out = tmp_path / "out"
     if case in ("missing file", "empty file", "binary file"):  # found while reading data: a marked, empty folder
-        assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER]
+        assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_FILE, OUTPUT_MARKER])
     else:  # found before anything is written: not even the folder
         assert not out.exists()
 

@@ -9,8 +9,20 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 from transformers.utils import is_flash_attn_2_available
 
-from ..cli import ArgumentParser, InputError
+from ..cli import ArgumentParser, InputError, one_line
 from ..configuration_spannorm import SpanNormConfig
+
+# transformers' schedulers (`get_scheduler`) that need only the warmup and total steps: not cosine_with_min_lr and
+# warmup_stable_decay (they need settings of their own) nor reduce_lr_on_plateau and greedy (they step on a metric).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 class SetupError(InputError):
@@ -40,7 +52,9 @@ class TrainArguments:
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps (ignored if --max-tokens is set)"})
     max_tokens: int | None = field(default=None, metadata={"help": "train for this many tokens instead"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "a transformers scheduler name"})
+    lr_scheduler: str = field(
+        default="cosine", metadata={"help": f"learning-rate schedule (transformers'): {', '.join(LR_SCHEDULERS)}"}
+    )
     warmup_steps: float = field(default=0.05, metadata={"help": "warmup steps, or a fraction of all steps if < 1"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (decay of the gradient mean)"})
@@ -96,6 +110,13 @@ class TrainArguments:
             raise SetupError("--diag-every, --val-size, --warmup-steps and --max-grad-norm must be >= 0")
         if self.lr <= 0:
             raise SetupError(f"--lr must be > 0, got {self.lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SetupError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise SetupError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise SetupError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {self.lr_scheduler!r}")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise SetupError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
@@ -114,8 +135,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArguments:
 
 
 def load_config(args: TrainArguments) -> SpanNormConfig:
-    """The model config, proven buildable (on the meta device: no memory) before anything is written; a missing
-    --seq-len becomes the config's context length."""
+    """The model config, proven buildable (on the meta device: no memory), with the --attn-implementation asked
+    for, before anything is written; a missing --seq-len becomes the config's context length."""
     try:
         config = SpanNormConfig.from_json_file(args.config)
     except (OSError, ValueError, TypeError, StrictDataclassError) as err:
@@ -126,6 +147,12 @@ def load_config(args: TrainArguments) -> SpanNormConfig:
     except (KeyError, ValueError, TypeError, AttributeError, StrictDataclassError) as err:
         problem = f"{type(err).__name__}: {err}"
         raise SetupError(f"--config {args.config!r}: no model can be built from it: {problem}") from err
+    if args.attn_implementation is not None:  # transformers decides which names (and installed kernels) it takes
+        try:
+            with torch.device("meta"):
+                AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
+        except (ValueError, ImportError) as err:
+            raise SetupError(f"--attn-implementation {args.attn_implementation!r}: {one_line(err)}") from err
     if args.seq_len is None:
         args.seq_len = config.max_position_embeddings
     if args.seq_len > config.max_position_embeddings:

@@ -4,7 +4,8 @@ A checkpoint folder holds:
 - `model.safetensors`: the full model state (FSDP shards are gathered on save and re-sharded on load);
 - `optimizer.safetensors` + `optimizer.json`: the optimizer's tensors, and its hyper-parameters and non-tensor
   state, keyed by parameter name;
-- `train_state.json`: step, tokens, learning-rate scheduler, gradient scaler, run arguments;
+- `train_state.json`: step, tokens, learning-rate scheduler, gradient scaler, run arguments (validated on resume like
+  a config, `TrainState`: a wrong type or range is refused naming the field);
 - `rng_state_<rank>.json` (and `stream_state_<rank>.json` when streaming): each process's RNG / stream position;
 - `config.json` and the two model code files its `auto_map` names, as in an export, so that
   `AutoModelForCausalLM.from_pretrained(step-N, trust_remote_code=True)` loads it without this package; `tokenizer/`;
@@ -20,16 +21,21 @@ that holds a pickle-format file, or whose files do not parse is refused with `Ch
 import base64
 import hashlib
 import json
+import math
 import random
+import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from huggingface_hub.dataclasses import strict, validated_field
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -43,9 +49,10 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import AutoTokenizer
 from transformers.dynamic_module_utils import custom_object_save
 
-from ..cli import InputError
+from ..cli import InputError, one_line
 from ..configuration_spannorm import SpanNormConfig
 from ..files import (
+    LOCK_FILES,
     OUTPUT_MARKER,
     OutputDirError,
     atomic_write_json,
@@ -163,6 +170,59 @@ def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _write_json(value: Any, path: Path) -> None:
     with naming_disk_full(path):
         path.write_text(json.dumps(value, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------- train state
+
+
+def _at_least(low: int) -> Callable[[int], None]:
+    def check(value: int) -> None:
+        if value < low:
+            raise ValueError(f"must be >= {low}, got {value}")
+
+    return check
+
+
+@strict(accept_kwargs=True)
+@dataclass
+class TrainState:
+    """What train_state.json must hold, checked as transformers checks a config (huggingface_hub's strict
+    dataclass): a resealed or foreign checkpoint with a wrong type or range is refused, naming the field, before
+    anything is restored or written. Keys not listed here pass through unchecked."""
+
+    step: int = validated_field(_at_least(1))  # a checkpoint is saved after a step
+    tokens: int = validated_field(_at_least(0))
+    num_processes: int = validated_field(_at_least(1))
+    tokenizer_fingerprint: str
+    args: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None = None
+
+    def validate_scheduler(self) -> None:
+        """Its position and peak learning rates set the learning rate of every resumed step."""
+        last = self.scheduler.get("last_epoch")
+        if type(last) is not int or last < 0:
+            raise ValueError(f"field 'scheduler.last_epoch' must be an integer >= 0, got {last!r}")
+        lrs = self.scheduler.get("base_lrs")
+        if not isinstance(lrs, list) or not all(type(lr) in (int, float) and math.isfinite(lr) for lr in lrs):
+            raise ValueError(f"field 'scheduler.base_lrs' must be a list of finite numbers, got {lrs!r}")
+
+
+def read_train_state(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's train_state.json, validated (`TrainState`), and holding the step its folder is named after
+    (`step-N`): resuming truncates metrics.jsonl at that step, so a wrong one would delete records it must keep."""
+    path = checkpoint / TRAIN_STATE
+    state = read_json(path)
+    try:
+        if not isinstance(state, dict):
+            raise TypeError(f"expected a JSON object, got {type(state).__name__}")
+        TrainState(**state)
+        named = re.fullmatch(r"step-(\d+)", checkpoint.name)
+        if named and state["step"] != int(named[1]):
+            raise ValueError(f"field 'step' is {state['step']}, but the checkpoint is {checkpoint.name}")
+    except (StrictDataclassError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a valid training state: {one_line(err)}") from err
+    return state
 
 
 # ------------------------------------------------------------------------------------------------------ RNG state
@@ -322,11 +382,11 @@ def claim_output(output: Path, overwrite: bool, fresh: bool) -> None:
 
 
 def earlier_run_files(output: Path) -> list[str]:
-    """What an earlier run left in `output` (everything but the ownership marker and empty folders)."""
+    """What an earlier run left in `output` (everything but the ownership marker, the lock and empty folders)."""
     if not output.is_dir():
         return []
     empty = [p for p in output.iterdir() if p.is_dir() and not any(p.iterdir())]
-    return sorted(p.name for p in output.iterdir() if p.name != OUTPUT_MARKER and p not in empty)
+    return sorted(p.name for p in output.iterdir() if p.name not in (OUTPUT_MARKER, *LOCK_FILES) and p not in empty)
 
 
 # --------------------------------------------------------------------------------------------------- checkpointer
@@ -413,7 +473,7 @@ class Checkpointer:
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs --config {b!r}" for k, (a, b) in diff.items())
             raise SetupError(f"cannot resume {checkpoint}: the model config differs ({lines})")
-        state = read_json(checkpoint / TRAIN_STATE)
+        state = read_train_state(checkpoint)
         try:
             changed = {
                 k: (state["args"][k], getattr(args, k))
@@ -498,7 +558,7 @@ class Checkpointer:
         """Restore what `save` wrote into the prepared model, optimizer, scheduler, progress counter and stream;
         never unpickles."""
         load_model_and_optimizer(accelerator, model, optimizer, checkpoint)
-        state = read_json(checkpoint / TRAIN_STATE)
+        state = read_train_state(checkpoint)
         try:
             scheduler.load_state_dict(state["scheduler"])
             progress.load_state_dict(state)

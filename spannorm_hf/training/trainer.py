@@ -14,13 +14,16 @@ Design choices that make runs exact and safe:
 - Checkpoints are written to a temporary directory, sealed with a manifest (sizes, sha256) and renamed into
   place: a killed run never leaves a half-written `step-*` directory, and `--resume latest` skips, naming it, a
   checkpoint whose files no longer match. SIGINT / SIGTERM stop at the next step boundary with a checkpoint.
-- Every bad input is checked before the first step (and before anything is written besides the output dir).
+- Every bad input is checked before the first step (and every argument before anything is written). A run holds
+  an exclusive lock on its output folder for its whole life, so a second run into the same folder is refused
+  before it changes anything, and a run that fails while setting up removes what it added there, so its rerun
+  is not refused as a write over an earlier run.
 """
 
 import math
 import os
 import signal
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
 from ..cli import command
-from ..files import DiskFullError, is_disk_full, naming_disk_full
+from ..files import DiskFullError, is_disk_full, locked_output_dir, naming_disk_full, remove_additions_on_failure
 from ..integrations.hub import CheckpointPusher, check_repo_id
 from ..parameters import parameter_counts
 from .arguments import SetupError, TrainArguments, load_config, parse_args
@@ -203,19 +206,33 @@ class StepStats:
 
 
 class Trainer:
-    """One run. `__init__` checks every input, then sets up the output, data, model and optimizer (restoring a
-    checkpoint when resuming); `train` is the loop of step / log / evaluate / checkpoint; `finish` exports the
-    model, or says how to resume a run stopped by a signal."""
+    """One run. `__init__` checks every input, takes the output folder's lock, then sets up the output, data, model
+    and optimizer (restoring a checkpoint when resuming); `train` is the loop of step / log / evaluate / checkpoint,
+    and releases the lock; `finish` exports the model, or says how to resume a run stopped by a signal."""
 
     def __init__(self, args: TrainArguments, accelerator: Accelerator | None = None):
         self.args, self.config = args, load_config(args)
+        self.accelerator = accelerator = accelerator or build_accelerator(args)
+        self.world = accelerator.num_processes
+        self.pusher = self._hub_pusher()
+        output = check_output(args)  # a folder that is not ours is refused before the lock is created in it
+        accelerator.wait_for_everyone()  # every process has checked it before the main process writes the lock
+        with ExitStack() as lock:
+            if accelerator.is_main_process:  # the process that writes the run's files holds the lock
+                lock.enter_context(locked_output_dir(output, flag="--output"))
+            accelerator.wait_for_everyone()  # no process writes before it is held
+            with remove_additions_on_failure(output) if accelerator.is_main_process else nullcontext():
+                self._set_up()
+            self.lock = lock.pop_all()  # held until `train` ends
+
+    def _set_up(self) -> None:
+        """Check the folder (under the lock) and the checkpoint to resume, claim the folder, read the data, build
+        the model and optimizer, restore the checkpoint, start logging."""
+        args, accelerator = self.args, self.accelerator
         self.checkpointer = Checkpointer(check_output(args), args.keep_last)
         self.output = self.checkpointer.output
         self.resume_from = self.checkpointer.find(args.resume, args.overwrite)
         saved = Checkpointer.check_compatible(self.resume_from, self.config, args) if self.resume_from else None
-        self.accelerator = accelerator = accelerator or build_accelerator(args)
-        self.world = accelerator.num_processes
-        self.pusher = self._hub_pusher()
         if saved and args.streaming and saved["num_processes"] != self.world:
             raise SetupError(f"cannot resume a streaming run of {saved['num_processes']} processes on {self.world}")
         accelerator.wait_for_everyone()  # every process has checked the output directory before it is claimed
@@ -302,6 +319,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
+        """Train (`_train_loop`), then release the output folder's lock, however the loop ends."""
+        with self.lock:
+            return self._train_loop()
+
+    def _train_loop(self) -> TrainResult:
         """Step, log, evaluate and checkpoint until max_steps, or until a signal asks to stop."""
         args, progress = self.args, self.progress
         checkpoint, last_saved = self.resume_from, progress.step if self.resume_from else None
