@@ -8,7 +8,8 @@ command writing to disk follows.
   file (`.spannorm-output.json`) that the same command wrote there for the same kind of output. Anything else
   is refused before any work starts, with an error naming the folder and the option that overrides it
   (`--overwrite`); even then only the files the command itself writes are replaced, and nothing else in the
-  folder is touched.
+  folder is touched. A place the command cannot write to (a read-only folder) is refused before any work too
+  (`check_writable`), not after hours of it.
 
 A full disk is named (`DiskFullError`: "no space left on device while writing X") rather than surfacing as
 whatever the failing library says (`RuntimeError: basic_ios::clear`, a safetensors `IoError`).
@@ -18,6 +19,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,6 +172,25 @@ def check_output_file(path: str | os.PathLike, *, flag: str, overwrite: bool = F
             "--overwrite to replace it"
         )
     return path
+
+
+def check_writable(path: str | os.PathLike, *, flag: str) -> None:
+    """Raise PermissionError, naming `flag`, unless this process can write `path` the way `atomic_output_dir` and
+    `atomic_write_bytes` do, through a staging sibling: the nearest existing folder above `path`, and `path` itself
+    when it is a folder, must take a new entry. Tried for real (a temporary folder made and removed), because
+    permission bits say nothing of read-only mounts, ACLs or root. Call it before any work."""
+    path = Path(path).expanduser().absolute()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    for folder in [parent, path] if path.is_dir() else [parent]:
+        try:
+            tempfile.TemporaryDirectory(dir=folder, prefix=".write-test-").cleanup()
+        except OSError as error:
+            raise PermissionError(
+                f"{flag} {str(path)!r} cannot be written: {str(folder)!r} takes no new files "
+                f"({error.strerror or error}); choose a folder you can write to"
+            ) from None
 
 
 def claim_output_dir(path: str | os.PathLike, kind: str, *, flag: str, overwrite: bool = False) -> Path:
