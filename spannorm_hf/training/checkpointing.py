@@ -39,7 +39,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from transformers import AutoTokenizer
 
 from ..cli import InputError
 from ..configuration_spannorm import SpanNormConfig
@@ -51,6 +50,7 @@ from ..files import (
     claim_output_dir,
     naming_disk_full,
 )
+from ..integrations.hub import load_tokenizer
 from .arguments import SetupError, TrainArguments
 from .data import StreamRows, tokenizer_fingerprint
 from .export import HUB_UPLOADS
@@ -422,7 +422,7 @@ class Checkpointer:
         if changed:
             warnings.warn(f"resuming {checkpoint} with changed arguments (checkpoint, now): {changed}", stacklevel=2)
         if args.tokenizer is not None:
-            ours = tokenizer_fingerprint(AutoTokenizer.from_pretrained(args.tokenizer))
+            ours = tokenizer_fingerprint(load_tokenizer(args.tokenizer))
             if ours != state["tokenizer_fingerprint"]:
                 raise SetupError(
                     f"cannot resume {checkpoint}: --tokenizer {args.tokenizer!r} is not the run's tokenizer"
