@@ -14,6 +14,8 @@ command writing to disk follows.
   process, so a killed run never blocks the next one). A second command into the same folder is refused, naming
   the holder, before it changes anything there. A command that fails while setting up removes what it added
   (`remove_additions_on_failure`), so a failed start never leaves a folder that refuses the rerun.
+- **Writable before work.** A place the command cannot write to (a read-only folder) is refused before any work
+  too (`check_writable`), not after hours of it.
 
 A full disk is named (`DiskFullError`: "no space left on device while writing X") rather than surfacing as
 whatever the failing library says (`RuntimeError: basic_ios::clear`, a safetensors `IoError`).
@@ -25,6 +27,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -189,6 +192,25 @@ def check_output_file(path: str | os.PathLike, *, flag: str, overwrite: bool = F
             "--overwrite to replace it"
         )
     return path
+
+
+def check_writable(path: str | os.PathLike, *, flag: str) -> None:
+    """Raise PermissionError, naming `flag`, unless this process can write `path` the way `atomic_output_dir` and
+    `atomic_write_bytes` do, through a staging sibling: the nearest existing folder above `path`, and `path` itself
+    when it is a folder, must take a new entry. Tried for real (a temporary folder made and removed), because
+    permission bits say nothing of read-only mounts, ACLs or root. Call it before any work."""
+    path = Path(path).expanduser().absolute()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    for folder in [parent, path] if path.is_dir() else [parent]:
+        try:
+            tempfile.TemporaryDirectory(dir=folder, prefix=".write-test-").cleanup()
+        except OSError as error:
+            raise PermissionError(
+                f"{flag} {str(path)!r} cannot be written: {str(folder)!r} takes no new files "
+                f"({error.strerror or error}); choose a folder you can write to"
+            ) from None
 
 
 def claim_output_dir(path: str | os.PathLike, kind: str, *, flag: str, overwrite: bool = False) -> Path:

@@ -111,12 +111,13 @@ def choice_loglikelihood(model, tokenizer, context: str, continuation: str) -> f
 
 @pytest.mark.slow
 def test_lm_eval_scores_our_checkpoint_as_an_hf_client(checkpoint, loaded, monkeypatch, tmp_path):
-    """lm-eval loads the folder itself (model="hf", pretrained=DIR, trust_remote_code=True) and scores a task
-    defined in tests/lm_eval_tasks; its log-likelihoods and accuracy must equal ours."""
+    """lm-eval loads the folder itself (model="hf", pretrained=DIR; the package's registered classes, so no
+    trust_remote_code) and scores a task defined in tests/lm_eval_tasks; its log-likelihoods and accuracy must
+    equal ours."""
     monkeypatch.chdir(tmp_path)  # the task finds its data from any working directory
     results = run_lm_eval(checkpoint, ["spannorm_tiny_choice"], include_path=TASKS, batch_size=4, device="cpu")
     assert results["config"]["model"] == "hf"
-    assert results["config"]["model_args"] == {"pretrained": str(checkpoint.resolve()), "trust_remote_code": True}
+    assert results["config"]["model_args"] == {"pretrained": str(checkpoint.resolve()), "trust_remote_code": False}
     model, tokenizer = loaded
     docs = [json.loads(line) for line in (TASKS / "spannorm_tiny_choice.jsonl").read_text().splitlines()]
     samples = sorted(results["samples"]["spannorm_tiny_choice"], key=lambda s: s["doc_id"])

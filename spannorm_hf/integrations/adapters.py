@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cli import InputError
-from .hub import load_checkpoint
+from .hub import load_checkpoint, load_tokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -36,7 +36,7 @@ def adapter_base(adapter_dir: str | os.PathLike) -> str | None:
         raise FileNotFoundError(f"{str(adapter_dir)!r} has no {ADAPTER_CONFIG_FILE}: not a PEFT adapter folder")
     try:
         return json.loads(config_path.read_text()).get("base_model_name_or_path")
-    except (json.JSONDecodeError, AttributeError) as error:
+    except (ValueError, AttributeError) as error:  # ValueError: not JSON, or not UTF-8
         raise InputError(f"{str(config_path)!r} is not a JSON object: {error}; re-save the adapter") from error
 
 
@@ -66,7 +66,7 @@ def check_adapter_base(adapter_dir: Path, base: str | os.PathLike, model: PreTra
     try:
         record = json.loads(record_path.read_text())
         recorded = record["fingerprint"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError) as error:  # ValueError: not JSON, or not UTF-8
         raise InputError(
             f"{str(record_path)!r} is not a base record ({type(error).__name__}: {error}); re-save the adapter, or "
             "delete the file to load it with shape checks only"
@@ -100,5 +100,5 @@ def load_adapter(
             f"adapter {str(adapter_dir)!r} does not fit base {str(base)!r}: {error}; pass the base it was trained on"
         ) from error
     if (adapter_dir / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        tokenizer = load_tokenizer(adapter_dir)
     return model.eval(), tokenizer

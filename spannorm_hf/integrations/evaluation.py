@@ -1,5 +1,6 @@
 """Evaluating a SpanNorm checkpoint: sliding-window perplexity on held-out text, and the lm-evaluation-harness
-tasks the paper reports, run through lm-eval's own `hf` model class (`pretrained=DIR,trust_remote_code=True`).
+tasks the paper reports, run through lm-eval's own `hf` model class (`pretrained=DIR`; this package is imported, so
+its registered classes load the folder and `trust_remote_code` stays off: no code from the folder runs).
 
 `evaluate`'s perplexity metric is not used: it lives on the Hub (so fails offline) and reloads the model by name
 on every call; the sliding-window loop below is the standard one (the transformers perplexity guide), written
@@ -19,15 +20,27 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..cli import ArgumentParser, InputError, command
-from ..files import atomic_write_text, check_output_file
+from ..cli import (
+    ArgumentParser,
+    InputError,
+    check_range,
+    command,
+    one_line,
+    read_json_records,
+    read_text,
+    text_fields,
+)
+from ..files import atomic_write_text, check_output_file, check_writable
 from .adapters import adapter_base, is_adapter_folder, load_adapter
-from .generation import load_model
-from .hub import read_checkpoint_config
+from .generation import check_device, load_model
+from .hub import check_tokenizer_code, read_checkpoint_config
 
 # The zero-shot tasks the paper reports, by their lm-eval names. Their data comes from the Hub (or its cache).
 PAPER_TASKS = ("hellaswag", "winogrande", "piqa", "wikitext", "sciq", "lambada_openai", "arc_challenge")
 LOCAL_DATASET_BUILDERS = ("json", "csv", "text", "parquet", "arrow")
+TEXT_LIMIT = 64 << 20  # --text is read whole and tokenized in one piece
+TEXT_BIGGER = "evaluate a part of it, e.g. its first lines (head -n 500000 FILE > part.txt): 64 MiB is ~16M tokens"
+MAX_FEWSHOT = 100  # more examples than any task's prompt could hold in a context
 
 
 @dataclass
@@ -75,18 +88,12 @@ def sliding_window_nll(
 
 
 def read_eval_text(path: str | os.PathLike) -> str:
-    """Held-out text: a plain text file, or .jsonl/.json records with a 'text' field (joined by blank lines)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation text {str(path)!r} not found")
-    if path.suffix not in (".jsonl", ".json"):
-        return path.read_text(encoding="utf-8")
-    from datasets import load_dataset
-
-    records = load_dataset("json", data_files=str(path), split="train")
-    if "text" not in records.column_names:
-        raise InputError(f"{str(path)!r}: records need a 'text' field; found {records.column_names}")
-    return "\n\n".join(records["text"])
+    """Held-out text: a plain text file, or .jsonl/.json records with a 'text' field (joined by blank lines), at
+    most TEXT_LIMIT bytes of UTF-8 (see `cli.read_text`)."""
+    if Path(path).suffix not in (".jsonl", ".json"):
+        return read_text(path, flag="--text", limit=TEXT_LIMIT, bigger=TEXT_BIGGER)
+    records = read_json_records(path, flag="--text", limit=TEXT_LIMIT, bigger=TEXT_BIGGER)
+    return "\n\n".join(text_fields(records, "text", flag="--text", path=path))
 
 
 def perplexity(
@@ -98,8 +105,15 @@ def perplexity(
     stride: int | None = None,
     dataset: str = "text",
 ) -> Perplexity:
-    """Sliding-window perplexity of `text`; max_length defaults to the model's context, stride to half of it."""
-    max_length = model.config.max_position_embeddings if max_length is None else max_length
+    """Sliding-window perplexity of `text`; max_length defaults to the model's context, stride to half of it. A
+    window longer than the context would score positions the model never trained on: refused."""
+    context = model.config.max_position_embeddings
+    max_length = context if max_length is None else max_length
+    if max_length > context:
+        raise InputError(
+            f"max_length={max_length} is longer than the model's context of {context} tokens "
+            "(max_position_embeddings); lower --max-length"
+        )
     stride = max(1, max_length // 2) if stride is None else stride
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     total, count = sliding_window_nll(model, ids, max_length, stride)
@@ -107,17 +121,19 @@ def perplexity(
 
 
 def lm_eval_model_args(name_or_path: str | os.PathLike) -> dict[str, Any]:
-    """lm-eval `hf` model arguments: the checkpoint with trust_remote_code, or an adapter's base plus `peft=`
-    (after checking that the adapter belongs to that base)."""
+    """lm-eval `hf` model arguments: the checkpoint, or an adapter's base plus `peft=` (after checking that the
+    adapter belongs to that base), with `trust_remote_code` off: this package's classes are registered in this
+    process, and a folder that asks for other code is refused here, naming the file."""
     path = Path(name_or_path).expanduser()
     if is_adapter_folder(path):
         base = adapter_base(path)
-        model, _ = load_adapter(path)  # raises when the adapter does not belong to its base
+        model, _ = load_adapter(path)  # raises when the adapter does not belong to its base, or asks for code
         del model
-        return {"pretrained": base, "peft": str(path.resolve()), "trust_remote_code": True}
+        return {"pretrained": base, "peft": str(path.resolve()), "trust_remote_code": False}
     read_checkpoint_config(name_or_path)
+    check_tokenizer_code(name_or_path)
     pretrained = str(path.resolve()) if path.exists() else str(name_or_path)
-    return {"pretrained": pretrained, "trust_remote_code": True}
+    return {"pretrained": pretrained, "trust_remote_code": False}
 
 
 def summarize_lm_eval(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -154,6 +170,8 @@ def run_lm_eval(
 ) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` on our checkpoint; returns lm-eval's full results dict. `include_path` adds a
     folder of task YAMLs (local tasks). Tasks that need Hub data fail with a message saying so."""
+    model_args = lm_eval_model_args(name_or_path)  # first: a folder that asks for code is refused at once
+    device = check_device(device)
     import lm_eval
 
     tasks = [t for name in tasks for t in (PAPER_TASKS if name == "paper" else (name,))]
@@ -167,13 +185,13 @@ def run_lm_eval(
     try:
         return lm_eval.simple_evaluate(
             model="hf",
-            model_args=lm_eval_model_args(name_or_path),
+            model_args=model_args,
             tasks=list(tasks),
             task_manager=manager,
             num_fewshot=num_fewshot,
             batch_size=batch_size,
             limit=limit,
-            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            device=device,
         )
     except (ConnectionError, OSError) as error:
         raise InputError(
@@ -200,10 +218,12 @@ class EvaluateArguments:
     )
     include_path: str | None = field(default=None, metadata={"help": "folder of extra lm-eval task YAMLs"})
     num_fewshot: int | None = field(
-        default=None, metadata={"help": "few-shot examples per question (default: each task's own)"}
+        default=None,
+        metadata={"help": f"few-shot examples per question, 0 to {MAX_FEWSHOT} (default: each task's own)"},
     )
     limit: float | None = field(
-        default=None, metadata={"help": "examples per task, or a fraction if < 1 (lm-eval --limit; for smoke tests)"}
+        default=None,
+        metadata={"help": "examples per task (a whole number), or a fraction in (0, 1) (lm-eval --limit; smoke tests)"},
     )
     batch_size: str = field(default="1", metadata={"help": "lm-eval batch size: a whole number, 'auto' or 'auto:N'"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"})
@@ -218,6 +238,12 @@ class EvaluateArguments:
         size = self.batch_size
         if not size.startswith("auto") and (not size.isdigit() or int(size) < 1):
             raise InputError(f"--batch-size {size!r} must be a positive whole number, 'auto' or 'auto:N'")
+        check_range("--num-fewshot", self.num_fewshot, 0, MAX_FEWSHOT)
+        if self.limit is not None and not (0 < self.limit < 1 or (self.limit >= 1 and self.limit == int(self.limit))):
+            raise InputError(
+                f"--limit {self.limit:g} must be a whole number of examples (>= 1) or a fraction in (0, 1)"
+            )
+        check_device(self.device)
 
 
 def parser() -> ArgumentParser:
@@ -233,10 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args,) = parser().parse_args_into_dataclasses(argv)
     if args.output:
         check_output_file(args.output, flag="--output", overwrite=args.overwrite)  # before any work
+        check_writable(args.output, flag="--output")
     report: dict[str, Any] = {"model": str(args.model)}
     if args.text:
-        model, tokenizer = load_model(args.model, device=args.device)
         text = read_eval_text(args.text)
+        model, tokenizer = load_model(args.model, device=args.device)
         result = perplexity(
             model, tokenizer, text, max_length=args.max_length, stride=args.stride, dataset=Path(args.text).name
         )
@@ -262,6 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for task, info in report["lm_eval"].items():
             print(task, " ".join(f"{m}={v:.4f}" for m, v in info["metrics"].items()))
     if args.output:
-        atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+        try:
+            atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+        except OSError as error:  # e.g. the disk filled up while evaluating: the results are not lost with it
+            print(json.dumps(report, indent=2))
+            raise InputError(
+                f"could not write --output {str(args.output)!r} ({one_line(error)}); the results are printed above"
+            ) from error
         print(f"Results: {args.output}")
     return 0

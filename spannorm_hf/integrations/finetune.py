@@ -5,7 +5,8 @@ fused 3D expert weights of MoE layers are not `nn.Linear`, so they are adapted t
 `target_parameters`. Data is text (packed into blocks, loss on every token) or instruction jsonl with
 `prompt`/`response` (loss on the response only, prompt rendered with the tokenizer's chat template when it has
 one). The adapter folder records a fingerprint of its base's weights, so it is never silently applied to
-another base.
+another base. The data is read and checked (`read_training_data`: bounded, UTF-8, every record's fields strings)
+and the output folders probed before the model loads, so bad input costs seconds, not a training run.
 """
 
 import json
@@ -19,7 +20,7 @@ from typing import Any
 
 import peft
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -31,8 +32,18 @@ from transformers import (
 )
 from transformers.trainer_utils import TrainOutput
 
-from ..cli import ArgumentParser, InputError, command
-from ..files import atomic_output_dir, check_output_dir
+from ..cli import (
+    MAX_SEED,
+    ArgumentParser,
+    InputError,
+    check_range,
+    command,
+    read_json_object,
+    read_json_records,
+    read_text,
+    text_fields,
+)
+from ..files import atomic_output_dir, check_output_dir, check_writable, naming_disk_full
 from .adapters import ADAPTER_BASE_FILE, base_fingerprint, is_adapter_folder, load_adapter
 from .hub import TRAINING_DETAILS_FILE, load_checkpoint
 from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (PROMPT_TEMPLATE: re-exported for callers)
@@ -41,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 IGNORE_INDEX = -100
+DATA_LIMIT = 1 << 30  # --data is held in memory (and a plain text file tokenized in one piece)
+DATA_BIGGER = "fine-tune on a part of it (split the file; a LoRA adapter rarely needs more)"
 
 
 # ----------------------------------------------------------------------------------------------------------- LoRA
@@ -105,10 +118,10 @@ def encode_instruction(
     return {"input_ids": input_ids, "labels": labels}
 
 
-def _check_responses(path: Path, responses: Sequence[str | None]) -> None:
+def _check_responses(path: Path, responses: Sequence[str]) -> None:
     """Refuse instruction data whose responses are all empty (the loss would be on EOS alone: the adapter learns
     only to stop); warn when some are."""
-    empty = sum(1 for response in responses if not (response or "").strip())
+    empty = sum(1 for response in responses if not response.strip())
     if empty == len(responses):
         raise InputError(
             f"training data {str(path)!r}: all {empty} responses are empty, so the loss would be on EOS alone and "
@@ -123,25 +136,49 @@ def _check_responses(path: Path, responses: Sequence[str | None]) -> None:
         )
 
 
-def load_training_data(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
-    """A tokenized dataset from `.jsonl`/`.json` (records with prompt+response, or text) or plain text (any other
-    suffix; the file is one document). Text is packed into `max_length` blocks joined by EOS."""
+def read_training_data(path: str | os.PathLike) -> dict[str, list[str]]:
+    """The columns of the training data, checked before any model loads: `prompt` and `response` (instruction
+    records) or `text`, from `.jsonl`/`.json` records (`cli.read_json_records`) or a plain text file (any other
+    suffix: the file is one document), at most DATA_LIMIT bytes of UTF-8. A record without those fields, or with a
+    field that is not a string, is refused, naming its line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"training data {str(path)!r} not found")
+    if path.suffix not in (".jsonl", ".json"):
+        return {"text": [read_text(path, flag="--data", limit=DATA_LIMIT, bigger=DATA_BIGGER)]}
+    records = read_json_records(path, flag="--data", limit=DATA_LIMIT, bigger=DATA_BIGGER)
+    if not records:
+        raise InputError(f"training data {str(path)!r} holds no records; give one JSON object per line")
+    columns = set().union(*(record for _, record in records))
+    names = ("prompt", "response") if columns & {"prompt", "response"} else ("text",) if "text" in columns else ()
+    if not names:
+        raise InputError(
+            f"training data {str(path)!r}: records need 'prompt' and 'response' (instruction data) or 'text'; "
+            f"found columns {sorted(columns)}"
+        )
+    data = {name: text_fields(records, name, flag="--data", path=path) for name in names}
+    if "response" in data:
+        _check_responses(path, data["response"])
+    return data
+
+
+def load_training_data(
+    path: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    columns: dict[str, list[str]] | None = None,
+) -> Dataset:
+    """A tokenized dataset from the data file at `path` (or the `columns` `read_training_data` already read from
+    it): instruction examples (loss on the response), or text packed into `max_length` blocks joined by EOS."""
+    columns = read_training_data(path) if columns is None else columns
     if max_length < 2:
         raise InputError(f"max_length={max_length} must be >= 2 (--max-length)")
-    if path.suffix in (".jsonl", ".json"):
-        raw = load_dataset("json", data_files=str(path), split="train")
-    else:
-        raw = load_dataset("text", data_files=str(path), split="train", sample_by="document")
-    columns = set(raw.column_names)
-    if {"prompt", "response"} <= columns:
+    raw = Dataset.from_dict(columns)
+    if "response" in columns:
 
         def encode(example):
             return encode_instruction(tokenizer, example["prompt"], example["response"], max_length)
 
-        _check_responses(path, raw["response"])
         data = raw.map(encode, remove_columns=raw.column_names)
         kept = data.filter(lambda example: any(label != IGNORE_INDEX for label in example["labels"]))
         if len(kept) < len(data):
@@ -152,7 +189,7 @@ def load_training_data(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBa
                 max_length,
             )
         data = kept
-    elif "text" in columns:
+    else:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
         def pack(batch):
@@ -162,11 +199,6 @@ def load_training_data(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBa
             return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
 
         data = raw.map(pack, batched=True, remove_columns=raw.column_names)
-    else:
-        raise InputError(
-            f"training data {str(path)!r}: records need 'prompt' and 'response' (instruction data) or 'text'; "
-            f"found columns {sorted(columns)}"
-        )
     if len(data) == 0:
         raise InputError(f"training data {str(path)!r} gave no training examples; check the file and --max-length")
     return data
@@ -185,15 +217,17 @@ def merge_adapter(
     """Fold the adapter into the base (`merge_and_unload`) and save a standalone SpanNorm checkpoint.
     `output_dir` must be new, empty or an earlier merge output (see `spannorm_hf.files`), unless `overwrite`."""
     check_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite)
+    check_writable(output_dir, flag="--merge")
+    details_path = Path(adapter_dir) / TRAINING_DETAILS_FILE
+    details = read_json_object(details_path, what="adapter file") if details_path.is_file() else {}
     model, tokenizer = load_adapter(adapter_dir, base)
     merged = model.merge_and_unload()
-    details_path = Path(adapter_dir) / TRAINING_DETAILS_FILE
-    details = json.loads(details_path.read_text()) if details_path.is_file() else {}
     details["merged"] = "LoRA adapter merged into the base weights (merge_and_unload)"
     with atomic_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite) as staging:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
+        with naming_disk_full(staging):
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
     return Path(output_dir).expanduser().resolve()
 
 
@@ -270,11 +304,12 @@ def _save_adapter(
     """Write the adapter folder atomically (a failed save leaves no half adapter): weights, tokenizer, the base it
     belongs to (reference and weight fingerprint, so it is never applied to another base) and training details."""
     with atomic_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        record = {"base": _base_reference(base), "fingerprint": fingerprint}
-        (staging / ADAPTER_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
+        with naming_disk_full(staging):
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            record = {"base": _base_reference(base), "fingerprint": fingerprint}
+            (staging / ADAPTER_BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
     return Path(output_dir).expanduser().resolve()
 
 
@@ -303,14 +338,18 @@ def finetune_lora(
 ) -> FinetuneResult:
     """Train a LoRA adapter on `data`, save it (with tokenizer and fingerprint) to `output_dir`, and with
     `merge_dir` also a merged standalone checkpoint. Both folders must be new, empty or earlier outputs of the
-    same kind (see `spannorm_hf.files`), unless `overwrite`; that is checked before any work."""
+    same kind (see `spannorm_hf.files`), unless `overwrite`, and writable; that, and the data, are checked before
+    any work."""
     check_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite)
+    check_writable(output_dir, flag="--output")
     if merge_dir:
         check_output_dir(merge_dir, "merged-model", flag="--merge", overwrite=overwrite)
+        check_writable(merge_dir, flag="--merge")
+    columns = read_training_data(data)
     model, tokenizer = load_checkpoint(base, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = load_training_data(data, tokenizer, max_length)
+    dataset = load_training_data(data, tokenizer, max_length, columns)
     fingerprint = base_fingerprint(model)
     set_seed(seed)  # the LoRA init
     settings = lora_config(
@@ -412,6 +451,16 @@ class FinetuneArguments:
             raise InputError("give --data (and --output) to fine-tune, or an adapter folder as --model with --merge")
         if self.data is not None and not self.output:
             raise InputError("--output is required with --data (the folder the adapter is written to)")
+        for flag in ("--rank", "--alpha", "--batch-size", "--grad-accum"):
+            check_range(flag, getattr(self, flag[2:].replace("-", "_")), 1)
+        check_range("--max-length", self.max_length, 2)
+        check_range("--seed", self.seed, 0, MAX_SEED)
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.max_steps != -1:
+            check_range("--max-steps", self.max_steps, 1)
+        if self.epochs <= 0 or self.lr <= 0:
+            raise InputError(f"--epochs and --lr must be > 0, got --epochs {self.epochs} --lr {self.lr}")
 
 
 def parser() -> ArgumentParser:

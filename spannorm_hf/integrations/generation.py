@@ -4,23 +4,52 @@ of prompts, or streamed to the terminal with `TextStreamer`.
 Everything goes through `model.generate` and `GenerationConfig`; this module only checks the settings early and
 names the bad one, pads batches on the left, and picks the model loader (checkpoint or adapter). A prompt that is
 empty, or that with `max_new_tokens` would run past the model's context (`max_position_embeddings`, the positions
-it was trained on), is refused rather than cut: cutting would silently drop what the user wrote.
+it was trained on), is refused rather than cut: cutting would silently drop what the user wrote. Every setting is
+bounded and checked before the model loads (`check_generation_settings`, `check_device`); `--prompts-file` is read
+through `cli.read_text`, bounded at PROMPTS_LIMIT.
 """
 
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from ..cli import ArgumentParser, InputError, command
+from ..cli import MAX_SEED, ArgumentParser, InputError, check_range, command, read_text
 from .adapters import is_adapter_folder, load_adapter
 from .hub import load_checkpoint
 from .prompts import format_prompt
 
 MODES = ("greedy", "sample", "beam")
+MAX_BEAMS = 64  # each beam is a copy of the sequence and its cache: memory grows with it
+PROMPTS_LIMIT = 16 << 20  # every prompt of the file is generated in one batch
+PROMPTS_BIGGER = "split it into several files and run once for each"
+
+
+def check_device(device: str | None) -> str:
+    """`--device`, checked before any work: a device type torch knows, present on this machine, with that index;
+    None means CUDA when available, else the CPU."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device name: use cpu, cuda, cuda:1, mps, ...") from None
+    if kind.type == "cpu":
+        return device
+    present = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if present is None or present.type != kind.type:
+        has = f"cpu and {present.type}" if present is not None else "only cpu"
+        raise InputError(
+            f"--device {device!r}: this machine has no {kind.type} device (it has {has}); pick one of those"
+        )
+    count = torch.accelerator.device_count()
+    if kind.index is not None and kind.index >= count:
+        raise InputError(
+            f"--device {device!r}: this machine has {count} {kind.type} device(s), numbered from {kind.type}:0"
+        )
+    return device
 
 
 def load_model(
@@ -28,16 +57,15 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A SpanNorm checkpoint (folder or Hub id) or a LoRA adapter folder on its base, in eval mode on `device`
     (default: CUDA when available)."""
+    device = check_device(device)
     if is_adapter_folder(name_or_path):
         model, tokenizer = load_adapter(name_or_path, dtype=dtype)
     else:
         model, tokenizer = load_checkpoint(name_or_path, dtype=dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
 
-def generation_config(
-    model: PreTrainedModel,
+def check_generation_settings(
     *,
     mode: str = "greedy",
     max_new_tokens: int = 64,
@@ -46,9 +74,9 @@ def generation_config(
     top_k: int | None = None,
     num_beams: int | None = None,
     repetition_penalty: float | None = None,
-) -> GenerationConfig:
-    """The model's own generation config (bos/eos/pad) updated for `mode`; settings that `mode` would ignore are
-    an error rather than silently dropped."""
+) -> None:
+    """`InputError` naming the first bad setting: out of its range, or one that `mode` would ignore (an error
+    rather than silently dropped). Needs no model, so the CLI checks before loading one."""
     if mode not in MODES:
         raise InputError(f"mode={mode!r} must be one of {MODES}")
     if max_new_tokens < 1:
@@ -67,8 +95,34 @@ def generation_config(
         raise InputError(f"top_k={top_k} must be >= 0 (0 disables it)")
     if repetition_penalty is not None and repetition_penalty <= 0:
         raise InputError(f"repetition_penalty={repetition_penalty} must be > 0 (1.0 is no penalty)")
-    if num_beams is not None and num_beams < 2:
-        raise InputError(f"num_beams={num_beams} must be >= 2 for beam search")
+    if num_beams is not None and not 2 <= num_beams <= MAX_BEAMS:
+        raise InputError(
+            f"num_beams={num_beams} must be in [2, {MAX_BEAMS}] for beam search (each beam holds a copy of the "
+            "sequence and its cache)"
+        )
+
+
+def generation_config(
+    model: PreTrainedModel,
+    *,
+    mode: str = "greedy",
+    max_new_tokens: int = 64,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    num_beams: int | None = None,
+    repetition_penalty: float | None = None,
+) -> GenerationConfig:
+    """The model's own generation config (bos/eos/pad) updated for `mode`, after `check_generation_settings`."""
+    check_generation_settings(
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+    )
     config = GenerationConfig.from_dict(model.generation_config.to_dict())
     settings: dict = {"max_new_tokens": max_new_tokens, "do_sample": mode == "sample", "num_beams": 1}
     if mode == "sample":
@@ -158,7 +212,7 @@ class GenerateArguments:
     top_k: int | None = field(
         default=None, metadata={"help": "sample from the k most likely tokens (mode sample; default 50)"}
     )
-    num_beams: int | None = field(default=None, metadata={"help": "beams (mode beam; default 4)"})
+    num_beams: int | None = field(default=None, metadata={"help": f"beams, 2 to {MAX_BEAMS} (mode beam; default 4)"})
     repetition_penalty: float | None = field(
         default=None,
         metadata={"help": "penalty on tokens already in the sequence (1.0: none; > 1 discourages repeats)"},
@@ -171,11 +225,24 @@ class GenerateArguments:
             "instruction data)"
         },
     )
-    seed: int = field(default=0, metadata={"help": "random seed of sampling"})
+    seed: int = field(default=0, metadata={"help": f"random seed of sampling, 0 to {MAX_SEED}"})
     dtype: str = field(
         default="auto", metadata={"help": "weights dtype", "choices": ["auto", "float32", "bfloat16", "float16"]}
     )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda when available)"})
+
+    def __post_init__(self):
+        check_generation_settings(
+            mode=self.mode,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            num_beams=self.num_beams,
+            repetition_penalty=self.repetition_penalty,
+        )
+        check_range("--seed", self.seed, 0, MAX_SEED)
+        check_device(self.device)
 
 
 def parser() -> ArgumentParser:
@@ -194,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args,) = parser().parse_args_into_dataclasses(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        text = read_text(args.prompts_file, flag="--prompts-file", limit=PROMPTS_LIMIT, bigger=PROMPTS_BIGGER)
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError("give at least one --prompt or a --prompts-file")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)

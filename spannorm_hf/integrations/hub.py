@@ -1,10 +1,15 @@
 """SpanNorm checkpoints in and out of the Hugging Face Hub.
 
 In: `load_checkpoint` accepts a local folder or a Hub id and fails early, naming the problem, when it is not a
-SpanNorm checkpoint. Out: `build_hub_folder` writes what a Hub repo needs (safetensors shards, config with
-`auto_map`, both remote-code files, tokenizer, generation config, a model card rendered from
-`model_cards/spannorm.md`), `upload_hub_folder` sends it with `huggingface_hub`, and `CheckpointPusher` uploads
-training checkpoints in the background without ever raising into the training loop.
+SpanNorm checkpoint. It never runs code from the folder: this package's classes are registered with transformers'
+auto classes, so its own `auto_map` is never followed, and a config.json or tokenizer_config.json asking for any
+other code (`auto_map`) is refused, naming the file, before transformers could ask "run the custom code? [y/N]".
+Every tokenizer the commands load goes through `load_tokenizer`, which does the same.
+
+Out: `build_hub_folder` writes what a Hub repo needs (safetensors shards, config with `auto_map`, both remote-code
+files, tokenizer, generation config, a model card rendered from `model_cards/spannorm.md`), `upload_hub_folder`
+sends it with `huggingface_hub`, and `CheckpointPusher` uploads training checkpoints in the background without ever
+raising into the training loop.
 
 What goes up is an allowlist (`HUB_FILES`), never "the folder": a folder may be a training run's (`--output-dir RUN
 --overwrite`), whose optimizer state, metrics, TensorBoard events and train_state.json are no one else's business.
@@ -31,10 +36,17 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
-from ..cli import ArgumentParser, InputError, command
-from ..configuration_spannorm import SCALED_SCHEMES, SpanNormConfig
-from ..files import atomic_output_dir, check_output_dir, read_output_marker
+from ..cli import ArgumentParser, InputError, command, read_json_object
+from ..configuration_spannorm import AUTO_MAP, SCALED_SCHEMES, SpanNormConfig
+from ..files import (
+    atomic_output_dir,
+    check_output_dir,
+    check_writable,
+    naming_disk_full,
+    read_output_marker,
+)
 from ..modeling_spannorm import SpanNormForCausalLM
 from ..parameters import parameter_counts
 
@@ -126,10 +138,7 @@ def read_checkpoint_config(
             raise FileNotFoundError(
                 f"checkpoint folder {name!r} has no config.json: not a saved model (see save_pretrained)"
             )
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as error:
-            raise InputError(f"{str(path / 'config.json')!r} is not valid JSON: {error}") from error
+        config = read_json_object(path / "config.json", what="checkpoint config")
     elif _is_repo_id(name):
         try:
             config, _ = PreTrainedConfig.get_config_dict(name, revision=revision, token=token)
@@ -145,7 +154,45 @@ def read_checkpoint_config(
             f"{name!r} is a {model_type!r} checkpoint, not a SpanNorm one "
             f"(its config.json must have model_type {SpanNormConfig.model_type!r})"
         )
+    refuse_custom_code(config, str(path / "config.json") if path.exists() else f"config.json of {name!r}")
     return config
+
+
+def refuse_custom_code(settings: dict[str, Any], file: str) -> None:
+    """`InputError` naming `file` (a config.json or tokenizer_config.json) when its `auto_map` asks for classes
+    other than this package's own: transformers would import them from `.py` files beside it, after asking y/N in a
+    terminal. This package's own entries (`repo--` prefixed or not) are safe to keep: its registered classes win
+    over the folder's copies."""
+    auto_map = settings.get("auto_map")
+    if isinstance(auto_map, dict):
+        auto_map = {name: ref for name, ref in auto_map.items() if AUTO_MAP.get(name) != str(ref).split("--")[-1]}
+    if auto_map:
+        raise InputError(
+            f"{file} asks to run code from its folder (auto_map {json.dumps(auto_map)}); spannorm commands never run "
+            "a folder's code: use a folder without custom code, or delete 'auto_map' from that file if the standard "
+            "classes read it (a SpanNorm model and a tokenizer.json tokenizer need none)"
+        )
+
+
+def check_tokenizer_code(
+    name_or_path: str | os.PathLike, revision: str | None = None, token: str | None = None
+) -> None:
+    """`refuse_custom_code` for the tokenizer of a folder or Hub id (its tokenizer_config.json, if any)."""
+    file = Path(name_or_path).expanduser() / "tokenizer_config.json"
+    if not file.parent.exists():  # a Hub id
+        settings = get_tokenizer_config(name_or_path, revision=revision, token=token)
+        refuse_custom_code(settings, f"tokenizer_config.json of {str(name_or_path)!r}")
+    elif file.is_file():
+        refuse_custom_code(read_json_object(file, what="tokenizer settings"), str(file))
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | None = None
+) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained` that never runs, nor asks to run, code from the folder: custom code is refused
+    by `check_tokenizer_code`, and `trust_remote_code=False` keeps transformers from ever asking."""
+    check_tokenizer_code(name_or_path, revision=revision, token=token)
+    return AutoTokenizer.from_pretrained(name_or_path, revision=revision, token=token, trust_remote_code=False)
 
 
 def load_checkpoint(
@@ -155,16 +202,20 @@ def load_checkpoint(
     revision: str | None = None,
     token: str | None = None,
 ) -> tuple[SpanNormForCausalLM, PreTrainedTokenizerBase]:
-    """Model and tokenizer of a SpanNorm checkpoint, local folder or Hub id."""
+    """Model and tokenizer of a SpanNorm checkpoint, local folder or Hub id; no code from the folder is run."""
     read_checkpoint_config(name_or_path, revision=revision, token=token)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, revision=revision, token=token)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, token=token)
+    try:  # before the weights, which may take minutes to load
+        tokenizer = load_tokenizer(name_or_path, revision=revision, token=token)
+    except InputError:
+        raise
     except (OSError, ValueError, TypeError) as error:
         raise FileNotFoundError(
             f"checkpoint {str(name_or_path)!r} has no usable tokenizer (save one next to the weights with "
             f"tokenizer.save_pretrained): {error}"
         ) from error
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, revision=revision, token=token, trust_remote_code=False
+    )
     return model, tokenizer
 
 
@@ -321,9 +372,10 @@ def build_hub_folder(
     check_repo_id(repo_id)
     card = render_model_card(model.config, repo_id, **card_kwargs)
     with atomic_output_dir(output_dir, "hub-folder", flag="--output-dir", overwrite=overwrite) as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)  # weights, config + auto_map, code files
-        save_tokenizer(tokenizer, staging, model.config.max_position_embeddings)
-        card.save(staging / "README.md")
+        with naming_disk_full(staging):
+            model.save_pretrained(staging, max_shard_size=max_shard_size)  # weights, config + auto_map, code files
+            save_tokenizer(tokenizer, staging, model.config.max_position_embeddings)
+            card.save(staging / "README.md")
         stray = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()]
         stray = [name for name in stray if not is_hub_file(name)]
         if stray:  # e.g. a slow tokenizer that keeps its vocabulary under an unusual name
@@ -469,16 +521,6 @@ class CheckpointPusher:
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
-def _read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{what} {str(path)!r} is not a readable JSON file: {error}") from error
-    if not isinstance(value, dict):
-        raise InputError(f"{what} {str(path)!r} must hold a JSON object, not {type(value).__name__}")
-    return value
-
-
 @dataclass
 class PublishArguments:
     """The options of `spannorm-publish`."""
@@ -539,12 +581,13 @@ def publish_main(argv: Sequence[str] | None = None) -> int:
     details_path = Path(args.training_details or model_dir / TRAINING_DETAILS_FILE)
     details = None
     if args.training_details or details_path.exists():
-        details = _read_json_object(details_path, "--training-details")
+        details = read_json_object(details_path, what="--training-details")
     evals = []
     if args.eval_results:
-        evals = eval_results_from_json(_read_json_object(args.eval_results, "--eval-results"))
+        evals = eval_results_from_json(read_json_object(args.eval_results, what="--eval-results"))
     output = Path(args.output_dir) if args.output_dir else model_dir.with_name(model_dir.name + "-hub")
     check_output_dir(output, "hub-folder", flag="--output-dir", overwrite=args.overwrite)  # before any work
+    check_writable(output, flag="--output-dir")
     model, tokenizer = load_checkpoint(model_dir)
     folder = build_hub_folder(
         model,

@@ -46,7 +46,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from transformers import AutoTokenizer
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..cli import InputError, one_line
@@ -60,6 +59,7 @@ from ..files import (
     claim_output_dir,
     naming_disk_full,
 )
+from ..integrations.hub import load_tokenizer
 from ..modeling_spannorm import SpanNormForCausalLM
 from .arguments import SetupError, TrainArguments
 from .data import StreamRows, tokenizer_fingerprint
@@ -485,7 +485,7 @@ class Checkpointer:
         if changed:
             warnings.warn(f"resuming {checkpoint} with changed arguments (checkpoint, now): {changed}", stacklevel=2)
         if args.tokenizer is not None:
-            ours = tokenizer_fingerprint(AutoTokenizer.from_pretrained(args.tokenizer))
+            ours = tokenizer_fingerprint(load_tokenizer(args.tokenizer))
             if ours != state["tokenizer_fingerprint"]:
                 raise SetupError(
                     f"cannot resume {checkpoint}: --tokenizer {args.tokenizer!r} is not the run's tokenizer"

@@ -32,9 +32,10 @@ import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..cli import InputError
+from ..integrations.hub import load_tokenizer
 from .corpus import DEFAULT_CORPUS
 from .tokenizer import train_tokenizer
 
@@ -299,7 +300,7 @@ def load_or_train_tokenizer(
     if path is None:
         tokenizer = train_tokenizer(iter_texts(docs), vocab_size=vocab_size)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {path!r} has no EOS token; packing needs one between documents")
     if len(tokenizer) > vocab_size:

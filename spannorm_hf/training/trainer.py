@@ -32,12 +32,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
 from ..cli import command
 from ..files import DiskFullError, is_disk_full, locked_output_dir, naming_disk_full, remove_additions_on_failure
-from ..integrations.hub import CheckpointPusher, check_repo_id
+from ..integrations.hub import CheckpointPusher, check_repo_id, load_tokenizer
 from ..parameters import parameter_counts
 from .arguments import SetupError, TrainArguments, load_config, parse_args
 from .checkpointing import Checkpointer, check_output, claim_output
@@ -173,7 +173,7 @@ def prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, c
         else:
             train_docs, val_docs = split_documents(docs, args.val_size, args.seed)
     if checkpoint is not None:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
+        tokenizer = load_tokenizer(checkpoint / "tokenizer")
     elif args.tokenizer is not None:
         tokenizer = load_or_train_tokenizer(args.tokenizer, train_docs, config.vocab_size)
     else:  # train once, on the main process; the others load the saved result
@@ -183,7 +183,7 @@ def prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, c
                 tokenizer.save_pretrained(output)  # the export writes the same files there at the end
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
-            tokenizer = AutoTokenizer.from_pretrained(output)
+            tokenizer = load_tokenizer(output)
     with accelerator.main_process_first():
         train_rows = pack_documents(train_docs, tokenizer, args.seq_len)
         val_rows = pack_documents(val_docs, tokenizer, args.seq_len) if val_docs is not None else None
