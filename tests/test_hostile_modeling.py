@@ -145,6 +145,7 @@ print(json.dumps(sums))
 """
 
 
+@pytest.mark.slow  # a fresh Python (~10 s on a busy 2-core machine)
 def test_remote_code_fresh_init_chooses_the_same_roles(tmp_path):
     """Under remote code transformers skips `_init_weights` on parameter-less parents (attention, MLP): roles must be
     found on the leaves. A fresh model built through remote code equals one built by the package from the same seed."""
