@@ -97,24 +97,22 @@ class SpanNormRotaryEmbedding(LlamaRotaryEmbedding):
     """Llama's rotary embedding; its buffers are rebuilt by `_init_weights` after `from_pretrained`."""
 
 
-class SpanNormLinear(nn.Linear):
-    """A Linear inside a block. In `span`/`deepnorm` blocks it starts Xavier-normal (DeepNet's init): gain 1 for the
-    query and key projections, which this type marks; `_init_weights` picks the init by type."""
-
-
-class SpanNormBranchLinear(SpanNormLinear):
-    """A Linear whose output flows into the residual sum (value, attention output, MLP): Xavier-normal with the
-    config's branch gain `b` in `span`/`deepnorm` blocks."""
+# A block's Linears by attribute name (the names `base_model_tp_plan` uses), for the init: with a branch gain `b`
+# (span/deepnorm) they start Xavier-normal, DeepNet's init, with gain 1 for queries and keys and `b` for the rest,
+# whose outputs flow into the residual sum. They are plain `nn.Linear`, so tools that act on that type (dynamic
+# quantization, LoRA, serving engines' parallel linears) see every one of them.
+QUERY_KEY_LINEARS = ("q_proj", "k_proj")
+BRANCH_LINEARS = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class SpanNormMLP(nn.Module):
-    """SwiGLU MLP, down(act(gate(x)) * up(x)), as Llama's, with its projections typed for the init."""
+    """SwiGLU MLP, down(act(gate(x)) * up(x)), as Llama's."""
 
     def __init__(self, config: SpanNormConfig):
         super().__init__()
-        self.gate_proj = SpanNormBranchLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = SpanNormBranchLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = SpanNormBranchLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,10 +161,10 @@ class SpanNormAttention(nn.Module):
         self.is_causal = True
 
         heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
-        self.q_proj = SpanNormLinear(config.hidden_size, heads * self.head_dim, bias=bias)
-        self.k_proj = SpanNormLinear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
-        self.v_proj = SpanNormBranchLinear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
-        self.o_proj = SpanNormBranchLinear(heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
         for name in ("q_norm", "k_norm", "v_norm"):
             setattr(self, name, SpanNormRMSNorm(self.head_dim, eps=config.rms_norm_eps) if name in norms else no_norm)
 
@@ -339,16 +337,18 @@ class SpanNormPreTrainedModel(PreTrainedModel):
     }
 
     def _init_weights(self, module: nn.Module) -> None:
-        """N(0, initializer_range) by default; the scheme's own init by module type: token embeddings N(0, 1) in
-        `UNIT_EMBEDDING_SCHEMES`; with a branch gain `b` (span/deepnorm), block Linears and experts Xavier-normal,
-        gain `b` on the branch outputs and 1 on queries and keys. Leaves only: transformers skips `_init_weights` for
-        parameter-less parents under remote code. `init.*` skips weights that `from_pretrained` loaded, so a
-        depth-scaled init never overwrites a checkpoint."""
+        """N(0, initializer_range) by default; the scheme's own init by module role: token embeddings N(0, 1) in
+        `UNIT_EMBEDDING_SCHEMES`; with a branch gain `b` (span/deepnorm), block Linears (by attribute name) and experts
+        Xavier-normal, gain `b` on the branch outputs and 1 on queries and keys. Leaves only: transformers skips
+        `_init_weights` for parameter-less parents under remote code. `init.*` skips weights that `from_pretrained`
+        loaded, so a depth-scaled init never overwrites a checkpoint."""
         super()._init_weights(module)
         std = self.config.initializer_range
         gain = self.config.branch_gain
-        if isinstance(module, SpanNormLinear) and gain is not None:
-            init.xavier_normal_(module.weight, gain=gain if isinstance(module, SpanNormBranchLinear) else 1.0)
+        if isinstance(module, nn.Linear) and gain is not None:
+            name = self._attribute_name(module)
+            if name in QUERY_KEY_LINEARS + BRANCH_LINEARS:
+                init.xavier_normal_(module.weight, gain=gain if name in BRANCH_LINEARS else 1.0)
         elif isinstance(module, nn.Embedding) and self.config.norm_scheme in UNIT_EMBEDDING_SCHEMES:
             init.normal_(module.weight, mean=0.0, std=1.0)
             if module.padding_idx is not None:
@@ -362,6 +362,11 @@ class SpanNormPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=down_std)
         elif isinstance(module, SpanNormTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+
+    def _attribute_name(self, module: nn.Module) -> str:
+        """The attribute name `module` has in its parent ("q_proj"), which is its role: a leaf does not know it, and
+        under remote code `_init_weights` never sees the parent. A scan of this model's modules: init time only."""
+        return next((name.rpartition(".")[2] for name, found in self.named_modules() if found is module), "")
 
 
 class SpanNormModel(SpanNormPreTrainedModel):
