@@ -1,15 +1,97 @@
-"""Training never goes on silently on garbage, and its fallbacks say what they did. Config validation: absurd sizes
-are refused, naming the field, before anything is written, and unknown keys are not saved. Tiny models, CPU fp32."""
+"""Training never goes on silently on garbage, and its fallbacks say what they did: a sequence length with nothing
+to predict and absurd config sizes are refused before anything is written, a non-finite loss or gradient norm
+stops the run keeping the last good checkpoint, and unknown config keys are not saved. Tiny models, CPU fp32."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
 
 from spannorm_hf import SpanNormConfig, SpanNormForCausalLM
+from spannorm_hf.training.trainer import Trainer, main, parse_args, train
 
-from helpers import ROOT, argv, assert_one_error_line, config_error, subprocess_env, tiny_config
+from helpers import (
+    ROOT,
+    argv,
+    assert_one_error_line,
+    checkpoint_names,
+    config_error,
+    losses,
+    subprocess_env,
+    tiny_config,
+)
+
+# Runs train in this process: accelerate's singletons are reset around every test.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def test_seq_len_1_is_refused_before_anything_is_written(files, tmp_path, capsys):
+    """A row of one token has no next token to predict: the loss was 0 / 0, NaN at every step, and the run said
+    "done" with exit 0."""
+    out = tmp_path / "run"
+    assert main(argv(files, out, seq_len=1)) == 2
+    assert_one_error_line(capsys.readouterr().err, "--seq-len must be >= 2", "got 1")
+    config = {**json.loads((files / "dense.json").read_text()), "max_position_embeddings": 1}
+    (tmp_path / "one.json").write_text(json.dumps(config))
+    assert main(argv(files, out, config=str(tmp_path / "one.json"), seq_len=None)) == 2  # the config's default
+    assert_one_error_line(capsys.readouterr().err, "max_position_embeddings=1 leaves no next token to predict")
+    assert not out.exists()
+
+
+def poison_before_step(monkeypatch, step: int, what: str) -> None:
+    """Just before optimizer step `step + 1`: a weight (its loss is NaN) or only a gradient (a finite loss, NaN
+    weights after the update) becomes NaN, as a diverging run's would."""
+    original = Trainer.train_step
+
+    def train_step(self, stop):
+        if self.progress.step == step:
+            weight = self.unwrapped.model.layers[0].mlp.down_proj.weight
+            if what == "weight":
+                with torch.no_grad():
+                    weight.fill_(float("nan"))
+            else:
+                weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        return original(self, stop)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_a_nan_loss_stops_the_run_and_the_last_good_checkpoint_resumes(files, tmp_path, capsys, monkeypatch):
+    """Old: the run trained on NaN, checkpointed and exported the NaN weights and exited 0 ("done")."""
+    reference = train(parse_args(argv(files, tmp_path / "reference", max_steps=4, save_every=2))).output
+    AcceleratorState._reset_state(True)
+    out = tmp_path / "run"
+    poison_before_step(monkeypatch, 2, "weight")
+    assert main(argv(files, out, max_steps=4, save_every=2)) == 2
+    assert_one_error_line(
+        capsys.readouterr().err,
+        "the training loss is nan and the gradient norm is nan at step 3: the run stopped without saving this state",
+        f"--resume latest continues from the last good checkpoint, {out / 'checkpoints' / 'step-00000002'}",
+    )
+    assert checkpoint_names(out) == ["step-00000002"] and not (out / "model.safetensors").exists()  # no export
+    assert sorted(losses(out)) == [1, 2]  # the NaN step is not logged
+
+    monkeypatch.undo()
+    AcceleratorState._reset_state(True)
+    assert main([*argv(files, out, max_steps=4, save_every=2), "--resume", "latest"]) == 0
+    assert losses(out) == losses(reference)  # the same computation as the uninterrupted run: exact
+    assert checkpoint_names(out) == ["step-00000002", "step-00000004"]
+
+
+def test_a_nan_gradient_stops_the_run_even_without_clipping(files, tmp_path, capsys, monkeypatch):
+    """A finite loss with NaN gradients (an overflow in backward) leaves NaN weights: with --max-grad-norm 0 the
+    gradient norm was not even measured, and the NaN weights were checkpointed."""
+    out = tmp_path / "run"
+    poison_before_step(monkeypatch, 1, "gradient")
+    assert main(argv(files, out, max_steps=4, save_every=1, max_grad_norm=0)) == 2
+    assert_one_error_line(capsys.readouterr().err, "the training gradient norm is nan at step 2")
+    assert checkpoint_names(out) == ["step-00000001"]
+    weights = load_file(out / "checkpoints" / "step-00000001" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ Design choices that make runs exact and safe:
   place: a killed run never leaves a half-written `step-*` directory, and `--resume latest` skips, naming it, a
   checkpoint whose files no longer match. SIGINT / SIGTERM stop at the next step boundary with a checkpoint.
 - Every bad input is checked before the first step (and before anything is written besides the output dir).
+- A non-finite loss or gradient norm stops the run before that state is logged or saved (`DivergedError`).
 """
 
 import math
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
-from ..cli import command
+from ..cli import InputError, command
 from ..files import DiskFullError, is_disk_full, naming_disk_full
 from ..integrations.hub import CheckpointPusher, check_repo_id
 from ..parameters import parameter_counts
@@ -64,6 +65,11 @@ __all__ = [
     "parse_args",
     "train",
 ]
+
+
+class DivergedError(InputError):
+    """The training loss or gradient norm is not finite: the settings (learning rate, clipping, precision) or the
+    data made the run diverge. Exit code 2, like bad input: resuming with the same settings diverges again."""
 
 
 class TrainProgress:
@@ -311,9 +317,10 @@ class Trainer:
         )
         self.throughput = Throughput()
         self.model.train()
-        with StopSignal() as stop:
+        with StopSignal() as stop, bar:  # an error closes the bar first: its line ends before the error's
             while progress.step < self.max_steps:
                 stats = self.train_step(stop)
+                self._stop_if_diverged(stats, checkpoint)
                 bar.update(1)
                 metrics = self.step_metrics(stats, bar)
                 if self.val_rows is not None and self._due(args.eval_every):
@@ -327,10 +334,28 @@ class Trainer:
                 if stats.stopping:
                     interrupted = True
                     break
-        bar.close()
         if last_saved != progress.step:  # e.g. resumed at max_steps
             checkpoint = self.save_checkpoint()
         return self.finish(interrupted, checkpoint)
+
+    def _stop_if_diverged(self, stats: StepStats, checkpoint: Path | None) -> None:
+        """A non-finite loss or gradient norm stops the run before that state is logged or saved, so the last
+        checkpoint stays the last good one (a gradient overflow the fp16 scaler skipped is not one: it retries)."""
+        values = {"loss": stats.loss, "MoE aux loss": stats.aux_loss}
+        if not self.accelerator.optimizer_step_was_skipped:
+            values["gradient norm"] = stats.grad_norm
+        bad = [f"{name} is {value}" for name, value in values.items() if value is not None and not math.isfinite(value)]
+        if not bad:
+            return
+        self.accelerator.end_training()  # flush the trackers: the metrics up to the last good step are kept
+        then = "start again"
+        if checkpoint is not None:
+            ours = checkpoint.resolve().parent == self.checkpointer.root.resolve()
+            then = f"--resume {'latest' if ours else checkpoint} continues from the last good checkpoint, {checkpoint}"
+        raise DivergedError(
+            f"the training {' and the '.join(bad)} at step {self.progress.step}: the run stopped without saving this "
+            f"state; lower --lr (or check the data), then {then}"
+        )
 
     def _due(self, every: int) -> bool:
         return self.progress.step % every == 0 or self.progress.step == self.max_steps
@@ -390,10 +415,9 @@ class Trainer:
 
     def _optimizer_step(self) -> torch.Tensor | None:
         """Clip, step the optimizer and the schedule, zero the gradients; the gradient norm before clipping."""
-        grad_norm = None
-        if self.args.max_grad_norm > 0:
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        max_norm = self.args.max_grad_norm or math.inf  # 0: no clipping, but the norm is measured (and checked)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         self.optimizer.step()
         if not self.accelerator.optimizer_step_was_skipped:
             self.scheduler.step()
@@ -475,7 +499,7 @@ def train(args: TrainArguments, accelerator: Accelerator | None = None) -> Train
 @command
 def main(argv: list[str] | None = None) -> int:
     """`spannorm-train` / scripts/train.py: 0 when done, 130 when stopped by a signal, 2 (one `error:` line) for
-    bad input or a full disk."""
+    bad input, a diverged run or a full disk."""
     args = parse_args(argv)
     try:
         result = train(args)
