@@ -1,6 +1,7 @@
 """Training never goes on silently on garbage, and its fallbacks say what they did: a sequence length with nothing
 to predict and absurd config sizes are refused before anything is written, a non-finite loss or gradient norm
-stops the run keeping the last good checkpoint, and unknown config keys are not saved. Tiny models, CPU fp32."""
+stops the run keeping the last good checkpoint (and a lower --lr on resume is the one used), and unknown config
+keys are not saved. Tiny models, CPU fp32."""
 
 import json
 import subprocess
@@ -21,6 +22,7 @@ from helpers import (
     checkpoint_names,
     config_error,
     losses,
+    records,
     subprocess_env,
     tiny_config,
 )
@@ -80,6 +82,25 @@ def test_a_nan_loss_stops_the_run_and_the_last_good_checkpoint_resumes(files, tm
     assert main([*argv(files, out, max_steps=4, save_every=2), "--resume", "latest"]) == 0
     assert losses(out) == losses(reference)  # the same computation as the uninterrupted run: exact
     assert checkpoint_names(out) == ["step-00000002", "step-00000004"]
+
+
+def step_lrs(output) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in records(output) if "loss" in r}
+
+
+def test_a_lower_lr_on_resume_is_the_one_the_resumed_steps_use(files, tmp_path):
+    """The way on after a divergence: the last good checkpoint with a lower --lr. The checkpoint's scheduler state
+    brought back its own peak learning rate, so the resumed steps ran at the old one, though a warning said not."""
+    out = train(parse_args(argv(files, tmp_path / "run", max_steps=4, save_every=2))).output
+    AcceleratorState._reset_state(True)
+    lower = tmp_path / "lower"
+    resume = ["--resume", str(out / "checkpoints" / "step-00000002")]
+    with pytest.warns(UserWarning, match=r"changed arguments \(checkpoint, now\): \{'lr': \(0.003, 0.001\)\}"):
+        train(parse_args([*argv(files, lower, max_steps=4, lr=1e-3), *resume]))
+    before = step_lrs(out)
+    assert before[3] > 0  # the cosine's last step is 0
+    # the same schedule at a third of the peak: lr * factor, one float rounding apart
+    assert step_lrs(lower) == pytest.approx({3: before[3] / 3, 4: before[4] / 3}, rel=1e-12)
 
 
 def test_a_nan_gradient_stops_the_run_even_without_clipping(files, tmp_path, capsys, monkeypatch):

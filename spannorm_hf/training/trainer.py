@@ -130,6 +130,16 @@ def build_accelerator(args: TrainArguments, timeout: timedelta | None = None) ->
     )
 
 
+def set_peak_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """A checkpoint's scheduler state holds the peak learning rate of the run that saved it: the resumed run's --lr
+    replaces it from the first resumed step (with the same --lr this recomputes the very same numbers), so that a
+    run resumed with a lower --lr, e.g. after diverging, trains with it."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    scheduler._last_lr = [lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, value in zip(scheduler.optimizer.param_groups, scheduler._last_lr, strict=True):
+        group["lr"], group["initial_lr"] = value, lr
+
+
 def default_attention(accelerator: Accelerator) -> str:
     """FlashAttention-2 where it can run (CUDA, half precision, package installed), else PyTorch's sdpa."""
     usable = accelerator.device.type == "cuda" and accelerator.mixed_precision in ("bf16", "fp16")
@@ -241,6 +251,7 @@ class Trainer:
         if self.resume_from is not None:
             restored = (self.model, self.optimizer, self.scheduler, self.progress, self.stream)
             Checkpointer.load(accelerator, self.resume_from, *restored)
+            set_peak_lr(self.scheduler, args.lr)
         self._start_logging(None if args.streaming else len(train_rows))
 
     def _hub_pusher(self) -> CheckpointPusher | None:
