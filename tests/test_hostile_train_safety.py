@@ -1,7 +1,7 @@
 """Training never goes on silently on garbage, and its fallbacks say what they did: a sequence length with nothing
 to predict and absurd config sizes are refused before anything is written, a non-finite loss or gradient norm
-stops the run keeping the last good checkpoint (and a lower --lr on resume is the one used), and unknown config
-keys are not saved. Tiny models, CPU fp32."""
+stops the run keeping the last good checkpoint, FSDP that accelerate does not enable and processes that never
+joined are named, and unknown config keys are not saved. Tiny models, CPU fp32."""
 
 import json
 import subprocess
@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from spannorm_hf import SpanNormConfig, SpanNormForCausalLM
 from spannorm_hf.training.trainer import Trainer, main, parse_args, train
 
+from distributed_cpu import train_two_processes
 from helpers import (
     ROOT,
     argv,
@@ -29,6 +30,11 @@ from helpers import (
 
 # Runs train in this process: accelerate's singletons are reset around every test.
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def setup_record(output) -> dict:
+    """The last setup record (a resumed run appends its own)."""
+    return [r for r in records(output) if r.get("event") == "setup"][-1]
 
 
 def test_seq_len_1_is_refused_before_anything_is_written(files, tmp_path, capsys):
@@ -113,6 +119,29 @@ def test_a_nan_gradient_stops_the_run_even_without_clipping(files, tmp_path, cap
     assert checkpoint_names(out) == ["step-00000001"]
     weights = load_file(out / "checkpoints" / "step-00000001" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_fsdp_that_accelerate_does_not_enable_on_cpu_is_named(files, tmp_path, capfd):
+    """The shipped fsdp2.yaml (`distributed_type: FSDP`, which `accelerate launch` passes on as ACCELERATE_USE_FSDP)
+    with ACCELERATE_USE_CPU=1: accelerate runs DDP, and the run said only "MULTI_CPU"."""
+    out = tmp_path / "run"
+    train_two_processes(argv(files, out, max_steps=1, batch_size=2, eval_every=1), accelerate_use_fsdp="true")
+    printed = capfd.readouterr().out
+    assert "FSDP is not used: the accelerate config asks for it, but accelerate shards only on GPUs" in printed
+    assert "so this cpu run is MULTI_CPU: every process holds the whole model" in printed
+    assert setup_record(out)["distributed_type"] == "MULTI_CPU"
+
+
+def test_processes_that_accelerate_did_not_join_are_refused(files, tmp_path, capsys, monkeypatch):
+    """`accelerate launch --config_file scripts/accelerate/fsdp2.yaml` on a machine without GPUs and without
+    ACCELERATE_USE_CPU=1 starts processes that accelerate leaves alone (WORLD_SIZE=2, each one process of its own):
+    each trained alone into the same --output, until they tripped over each other's files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    assert main(argv(files, out)) == 2
+    message = "2 processes were launched (WORLD_SIZE=2), but accelerate did not connect them"
+    assert_one_error_line(capsys.readouterr().err, message, "set ACCELERATE_USE_CPU=1")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

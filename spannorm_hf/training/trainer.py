@@ -15,7 +15,9 @@ Design choices that make runs exact and safe:
   place: a killed run never leaves a half-written `step-*` directory, and `--resume latest` skips, naming it, a
   checkpoint whose files no longer match. SIGINT / SIGTERM stop at the next step boundary with a checkpoint.
 - Every bad input is checked before the first step (and before anything is written besides the output dir).
-- A non-finite loss or gradient norm stops the run before that state is logged or saved (`DivergedError`).
+- A non-finite loss or gradient norm stops the run before that state is logged or saved (`DivergedError`), and
+  what accelerate set up differently from what was launched is said (FSDP on CPU) or refused (unconnected
+  processes).
 """
 
 import math
@@ -28,7 +30,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils.environment import parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from transformers.utils import is_flash_attn_2_available
@@ -128,6 +131,28 @@ def build_accelerator(args: TrainArguments, timeout: timedelta | None = None) ->
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)] if timeout else None,
     )
+
+
+def check_launch(accelerator: Accelerator) -> str | None:
+    """What `accelerate launch` asked for and accelerate did not set up (see the design notes on CPU runs).
+    Processes that did not join one group are refused: each would train alone, into the same --output. FSDP that
+    accelerate did not enable (it shards only on GPUs and other accelerators; on CPU a `distributed_type: FSDP`
+    config runs DDP) is returned as a line to print: the run trains the same numbers, unsharded."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise SetupError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}), but accelerate did not connect them: each "
+            "would train alone, into the same --output; on a machine without GPUs set ACCELERATE_USE_CPU=1 (with "
+            "--multi_gpu or a DDP/FSDP config), or launch one process"
+        )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        actual = str(accelerator.distributed_type).split(".")[-1]
+        return (
+            f"FSDP is not used: the accelerate config asks for it, but accelerate shards only on GPUs and other "
+            f"accelerators, so this {accelerator.device.type} run is {actual}: every process holds the whole model, "
+            "its gradients and optimizer state"
+        )
+    return None
 
 
 def set_peak_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
@@ -231,9 +256,12 @@ class Trainer:
         saved = Checkpointer.check_compatible(self.resume_from, self.config, args) if self.resume_from else None
         self.accelerator = accelerator = accelerator or build_accelerator(args)
         self.world = accelerator.num_processes
+        notes = [check_launch(accelerator)]
         self.pusher = self._hub_pusher()
         if saved and args.streaming and saved["num_processes"] != self.world:
             raise SetupError(f"cannot resume a streaming run of {saved['num_processes']} processes on {self.world}")
+        for note in filter(None, notes):
+            accelerator.print(note)
         accelerator.wait_for_everyone()  # every process has checked the output directory before it is claimed
         if accelerator.is_main_process:
             claim_output(self.output, args.overwrite, fresh=self.resume_from is None)
