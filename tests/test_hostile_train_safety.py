@@ -1,7 +1,8 @@
 """Training never goes on silently on garbage, and its fallbacks say what they did: a sequence length with nothing
 to predict and absurd config sizes are refused before anything is written, a non-finite loss or gradient norm
 stops the run keeping the last good checkpoint, FSDP that accelerate does not enable and processes that never
-joined are named, and unknown config keys are not saved. Tiny models, CPU fp32."""
+joined are named, resuming on another number of processes keeps (or names) the tokens per step, and unknown config
+keys are not saved. Tiny models, CPU fp32."""
 
 import json
 import subprocess
@@ -142,6 +143,42 @@ def test_processes_that_accelerate_did_not_join_are_refused(files, tmp_path, cap
     message = "2 processes were launched (WORLD_SIZE=2), but accelerate did not connect them"
     assert_one_error_line(capsys.readouterr().err, message, "set ACCELERATE_USE_CPU=1")
     assert not out.exists()
+
+
+def test_resuming_on_fewer_processes_keeps_the_tokens_per_step(files, tmp_path, capfd):
+    """2 processes x 2 rows, resumed on 1: the steps halved to 64 tokens without a word. Now --grad-accum doubles,
+    the line says so, and the resumed steps are the uninterrupted run's."""
+    options = dict(batch_size=2, save_every=2, eval_every=2, diag_every=0)
+    out = tmp_path / "run"
+    train_two_processes(argv(files, out, max_steps=2, **options))
+    assert setup_record(out)["tokens_per_step"] == 128
+    capfd.readouterr()
+    AcceleratorState._reset_state(True)
+    assert main([*argv(files, out, max_steps=4, **options), "--resume", "latest"]) == 0
+    printed = capfd.readouterr().out
+    assert "resuming a run of 2 processes on 1: --grad-accum 2 (it had 1) keeps its 128 tokens per step" in printed
+    setup = setup_record(out)
+    assert setup["num_processes"] == 1 and setup["tokens_per_step"] == 128 and setup["max_steps"] == 4
+
+    AcceleratorState._reset_state(True)
+    reference = tmp_path / "reference"  # one process, the same 4 rows per step from the start
+    train(parse_args(argv(files, reference, max_steps=4, **{**options, "grad_accum": 2})))
+    # 2 processes vs 1 sum the same numbers in another order (gloo all-reduce): equal to float32 rounding, ~1e-6
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
+
+
+def test_a_resume_that_cannot_keep_the_tokens_per_step_says_what_changes(files, tmp_path, capfd):
+    """1 process x 3 rows resumed on 2 processes: 3 rows do not split into 2 equal shares, so each step now reads
+    2 x 3 rows; a line says so instead of nothing."""
+    options = dict(batch_size=3, save_every=2, eval_every=2, diag_every=0)
+    out = tmp_path / "run"
+    train(parse_args(argv(files, out, max_steps=2, **options)))
+    capfd.readouterr()
+    train_two_processes([*argv(files, out, max_steps=3, **options), "--resume", "latest"])
+    printed = capfd.readouterr().out
+    assert "resuming with 192 tokens per step (2 processes x --batch-size 3 x --grad-accum 1 x --seq-len 32)" in printed
+    assert "the checkpoint's steps had 96 (1 x 3 x 1 x 32)" in printed
+    assert setup_record(out)["tokens_per_step"] == 192
 
 
 @pytest.mark.parametrize(

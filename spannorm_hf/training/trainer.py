@@ -17,7 +17,7 @@ Design choices that make runs exact and safe:
 - Every bad input is checked before the first step (and before anything is written besides the output dir).
 - A non-finite loss or gradient norm stops the run before that state is logged or saved (`DivergedError`), and
   what accelerate set up differently from what was launched is said (FSDP on CPU) or refused (unconnected
-  processes).
+  processes); resuming on another number of processes keeps the tokens per step where it can, and says so.
 """
 
 import math
@@ -155,6 +155,30 @@ def check_launch(accelerator: Accelerator) -> str | None:
     return None
 
 
+def keep_global_batch(args: TrainArguments, saved: dict, world: int) -> str | None:
+    """Resuming on another number of processes: --grad-accum is scaled so that each step still reads the
+    checkpoint's rows (the same tokens per step, data order and schedule as the uninterrupted run), when the run's
+    --batch-size and --grad-accum are unchanged and the rows divide. Returns the line that says what was done, or
+    what changes when the tokens per step cannot be, or were not, kept."""
+    old, old_world = saved["args"], saved["num_processes"]
+    rows = old["batch_size"] * old["grad_accum"] * old_world
+    unchanged = (args.batch_size, args.grad_accum) == (old["batch_size"], old["grad_accum"])
+    if old_world != world and unchanged and rows % (args.batch_size * world) == 0:
+        args.grad_accum = rows // (args.batch_size * world)
+        return (
+            f"resuming a run of {old_world} processes on {world}: --grad-accum {args.grad_accum} (it had "
+            f"{old['grad_accum']}) keeps its {rows * old['seq_len']} tokens per step"
+        )
+    before, now = rows * old["seq_len"], args.batch_size * args.grad_accum * world * args.seq_len
+    if before == now:
+        return None
+    return (
+        f"resuming with {now} tokens per step ({world} processes x --batch-size {args.batch_size} x --grad-accum "
+        f"{args.grad_accum} x --seq-len {args.seq_len}); the checkpoint's steps had {before} ({old_world} x "
+        f"{old['batch_size']} x {old['grad_accum']} x {old['seq_len']})"
+    )
+
+
 def set_peak_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
     """A checkpoint's scheduler state holds the peak learning rate of the run that saved it: the resumed run's --lr
     replaces it from the first resumed step (with the same --lr this recomputes the very same numbers), so that a
@@ -260,6 +284,8 @@ class Trainer:
         self.pusher = self._hub_pusher()
         if saved and args.streaming and saved["num_processes"] != self.world:
             raise SetupError(f"cannot resume a streaming run of {saved['num_processes']} processes on {self.world}")
+        if saved:
+            notes.append(keep_global_batch(args, saved, self.world))
         for note in filter(None, notes):
             accelerator.print(note)
         accelerator.wait_for_everyone()  # every process has checked the output directory before it is claimed
