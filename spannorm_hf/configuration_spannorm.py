@@ -71,7 +71,8 @@ MOE_FIELDS = frozenset(
     )
 )
 # Keys transformers itself reads or writes besides the dataclass fields (legacy names it converts, settings it moves
-# elsewhere, bookkeeping, old defaults): never reported as unknown. Generation settings are added from transformers.
+# elsewhere, bookkeeping, old defaults): never reported as unknown, and left to transformers (which keeps or converts
+# them). Generation settings are added from transformers.
 TRANSFORMERS_KEYS = frozenset(
     (
         "model_type",
@@ -99,6 +100,11 @@ TRANSFORMERS_KEYS = frozenset(
         "prefix",
         "use_bfloat16",
         "tf_legacy_loss",
+        # set by from_pretrained / quantizers and saved with the model; a quantized checkpoint needs its own back
+        "quantization_config",
+        "fusion_config",
+        "distributed_config",
+        "transformers_weights",
     )
 )
 # Written into every saved config.json so the folder loads through any of these auto classes with
@@ -125,6 +131,33 @@ def positive(value: int | float | None) -> None:
 def non_negative(value: int | float) -> None:
     if not value >= 0:
         raise ValueError(f"must be >= 0, got {value!r}")
+
+
+def size(limit: int, minimum: int = 1):
+    """A validated size field: an integer in [minimum, limit] (`None` where `__post_init__` derives it). The limits
+    (`SIZE_LIMITS`) lie far above every published model, so only a slip such as extra digits is refused: before a
+    tokenizer trainer or the model allocates for it (`vocab_size=10**12` asks the BPE trainer for 72 TB, and its
+    failed allocation aborts the process)."""
+
+    @as_validated_field
+    def check(value: int | None) -> None:
+        if value is not None and not minimum <= value <= limit:
+            why = " (a limit far above any published model: a typo?)" if value > limit else ""
+            raise ValueError(f"must be in [{minimum}, {limit}]{why}, got {value!r}")
+
+    return check
+
+
+# Published models reach vocabularies of ~256k tokens, widths of ~25k, FFN widths of ~100k, 128 heads, ~1000 layers
+# (DeepNet), 10M-token contexts and ~1M experts (PEER); each limit leaves a wide margin.
+SIZE_LIMITS = {
+    "vocab": 2**24,
+    "width": 2**20,
+    "heads": 2**16,
+    "layers": 2**16,
+    "context": 2**30,
+    "experts": 2**20,
+}
 
 
 @as_validated_field
@@ -254,15 +287,15 @@ class SpanNormConfig(PreTrainedConfig):
         "norm": (["hidden_states"], ["hidden_states"]),
     }
 
-    vocab_size: int = positive(default=32000)
-    hidden_size: int = positive(default=768)
-    intermediate_size: int = positive(default=2048)
-    num_hidden_layers: int = positive(default=12)
-    num_attention_heads: int = positive(default=12)
-    num_key_value_heads: int | None = positive(default=None)
-    head_dim: int | None = positive(default=None)
+    vocab_size: int = size(SIZE_LIMITS["vocab"])(default=32000)
+    hidden_size: int = size(SIZE_LIMITS["width"])(default=768)
+    intermediate_size: int = size(SIZE_LIMITS["width"])(default=2048)
+    num_hidden_layers: int = size(SIZE_LIMITS["layers"])(default=12)
+    num_attention_heads: int = size(SIZE_LIMITS["heads"])(default=12)
+    num_key_value_heads: int | None = size(SIZE_LIMITS["heads"])(default=None)
+    head_dim: int | None = size(SIZE_LIMITS["width"])(default=None)
     hidden_act: str = activation_fn_key(default="silu")
-    max_position_embeddings: int = positive(default=2048)
+    max_position_embeddings: int = size(SIZE_LIMITS["context"])(default=2048)
     initializer_range: float = positive(default=0.02)
     rms_norm_eps: float = positive(default=1e-6)
     use_cache: bool = True
@@ -278,9 +311,9 @@ class SpanNormConfig(PreTrainedConfig):
     norm_scheme: NormSchemeName = "span"
     residual_scale: float | int | str | None = depth_rule(RESIDUAL_SCALE_RULES, allow_none=True)(default=None)
     branch_init_gain: float | int | str | None = depth_rule(BRANCH_INIT_GAIN_RULES, allow_none=True)(default="auto")
-    num_experts: int = non_negative(default=0)
+    num_experts: int = size(SIZE_LIMITS["experts"], minimum=0)(default=0)
     num_experts_per_tok: int = positive(default=2)
-    moe_intermediate_size: int | None = positive(default=None)
+    moe_intermediate_size: int | None = size(SIZE_LIMITS["width"])(default=None)
     norm_topk_prob: bool = True
     router_aux_loss_coef: float | int = non_negative(default=0.001)
     output_router_logits: bool = False
@@ -294,24 +327,26 @@ class SpanNormConfig(PreTrainedConfig):
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         self.residual_scale = self.residual_rule
-        self._warn_unknown_keys(kwargs)
+        self._drop_unknown_keys(kwargs)
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         if self.num_experts == 0:
             self._drop_moe_fields()
 
-    def _warn_unknown_keys(self, kwargs: dict) -> None:
-        """Keys that are neither fields nor transformers' own are kept (transformers' rule) but used by nothing: say so,
-        naming the closest field, so that a typo such as `num_hidden_layer` does not silently build another model."""
+    def _drop_unknown_keys(self, kwargs: dict) -> None:
+        """Keys that are neither fields nor transformers' own are used by nothing: warn, naming the closest field, so
+        that a typo such as `num_hidden_layer` does not silently build another model, and drop them (transformers
+        would keep them), so that the typo is not carried into every config saved from this one."""
         fields = [f.name for f in dataclasses.fields(self)]
         known = TRANSFORMERS_KEYS | set(GenerationConfig._get_default_generation_params())
-        for key in kwargs:
+        for key in list(kwargs):
             if key in known or key.startswith("_") or key.endswith("_token_id"):
                 continue
             closest = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {closest[0]}?" if closest else ""
-            logger.warning(f"SpanNormConfig: unknown key {key!r} is kept in the config but used by nothing{hint}")
+            logger.warning(f"SpanNormConfig: unknown key {key!r} is ignored and not saved{hint}")
+            del kwargs[key]
 
     def _drop_moe_fields(self) -> None:
         """A dense config forgets its MoE settings (see `MOE_FIELDS`); one set to a non-default value was a mistake."""

@@ -7,22 +7,16 @@ see that, so every run also asserts the world size, the distributed type and, fo
 import os
 import subprocess
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 from accelerate.commands.config.config_args import load_config_from_file
-from accelerate.state import AcceleratorState
-from accelerate.utils import PrepareForLaunch, patch_environment
 from safetensors import safe_open
-from torch.distributed.fsdp import FSDPModule
-from torch.multiprocessing import start_processes
 from transformers import AutoModelForCausalLM
 
-from spannorm_hf.training.trainer import build_accelerator, parse_args, train
+from spannorm_hf.training.trainer import parse_args, train
 
-from distributed_cpu import use_fsdp2_on_cpu
+from distributed_cpu import train_two_processes as launch
 from helpers import ROOT, argv, checkpoint_names, clean_accelerate_state, records
 
 # Runs train in this process: accelerate's singletons are reset around every test.
@@ -30,33 +24,6 @@ from helpers import ROOT, argv, checkpoint_names, clean_accelerate_state, record
 pytestmark = [pytest.mark.usefixtures("fresh_accelerate_state"), pytest.mark.slow]
 
 METRICS = ("loss", "lr", "val_loss", "block_0/output_rms", "block_2/grad_norm", "block_1/cosine")
-
-
-def _worker(args: list[str], fsdp: bool) -> None:
-    torch.set_num_threads(1)
-    parsed = parse_args(args)
-    accelerator = build_accelerator(parsed, timeout=timedelta(seconds=90))  # a hang fails fast
-    if fsdp:
-        use_fsdp2_on_cpu(accelerator)
-    assert accelerator.num_processes == 2
-    result = train(parsed, accelerator)
-    if fsdp:
-        layers = accelerator.unwrap_model(result.model).model.layers
-        assert isinstance(result.model, FSDPModule) and all(isinstance(layer, FSDPModule) for layer in layers)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def launch(args: list[str], fsdp: bool = False) -> None:
-    """`accelerate.debug_launcher` (2 forked gloo workers, file rendezvous), except that the rendezvous file may
-    vanish: gloo's FileStore deletes it when the workers destroy their process group, which debug_launcher's own
-    temporary file does not survive."""
-    AcceleratorState._reset_state(True)  # the forked workers must not inherit this process's state
-    rendezvous = args[args.index("--output") + 1] + ".rendezvous"  # one per launch
-    environment = dict(world_size=2, master_addr="127.0.0.1", master_port="29500", accelerate_mixed_precision="no")
-    environment.update(accelerate_debug_rdv_file=rendezvous, accelerate_use_cpu="yes", gloo_socket_ifname="lo")
-    with patch_environment(**environment):
-        start_processes(PrepareForLaunch(_worker, debug=True), args=(args, fsdp), nprocs=2, start_method="fork")
 
 
 def step_metrics(output) -> dict[int, dict]:

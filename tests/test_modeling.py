@@ -343,7 +343,7 @@ def test_unknown_keys_warn_with_the_closest_field(caplog, tmp_path):
     with caplog.at_level("WARNING"):
         config = tiny_config(num_hidden_layer=12)
     assert "unknown key 'num_hidden_layer'" in caplog.text and "did you mean num_hidden_layers?" in caplog.text
-    assert config.num_hidden_layers == 3  # transformers keeps unknown keys; the model does not use them
+    assert config.num_hidden_layers == 3  # the typo builds nothing (and is dropped)
     caplog.clear()
     with caplog.at_level("WARNING"):
         tiny_config(colour="blue")

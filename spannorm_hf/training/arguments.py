@@ -59,7 +59,9 @@ class TrainArguments:
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (decay of the gradient mean)"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (decay of the squared-gradient mean)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0: off"})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "gradient clipping; 0: off (the norm is still logged, and must be finite)"}
+    )
     mixed_precision: str | None = field(
         default=None, metadata={"help": "no | bf16 | fp16; default: the accelerate config's, else fp32"}
     )
@@ -99,8 +101,8 @@ class TrainArguments:
         for name in ("keep_last", "eval_batches"):
             if getattr(self, name) < 1:
                 raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise SetupError(f"--seq-len must be >= 1, got {self.seq_len}")
+        if self.seq_len is not None and self.seq_len < 2:  # a row of one token has no next token: a loss of 0 / 0
+            raise SetupError(f"--seq-len must be >= 2 (each row's tokens predict the next one), got {self.seq_len}")
         for name in ("lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "val_size"):
             if not math.isfinite(getattr(self, name)):
                 raise SetupError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
@@ -155,6 +157,8 @@ def load_config(args: TrainArguments) -> SpanNormConfig:
             raise SetupError(f"--attn-implementation {args.attn_implementation!r}: {one_line(err)}") from err
     if args.seq_len is None:
         args.seq_len = config.max_position_embeddings
+        if args.seq_len < 2:
+            raise SetupError(f"--config {args.config!r}: max_position_embeddings=1 leaves no next token to predict")
     if args.seq_len > config.max_position_embeddings:
         raise SetupError(
             f"--seq-len {args.seq_len} exceeds the config's max_position_embeddings={config.max_position_embeddings}"

@@ -564,9 +564,13 @@ class Checkpointer:
             progress.load_state_dict(state)
             if accelerator.scaler is not None and state.get("scaler") is not None:
                 accelerator.scaler.load_state_dict(state["scaler"])
+            saved_processes = int(state["num_processes"])
+            if saved_processes < 1:
+                raise ValueError(f"num_processes={saved_processes}")
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{checkpoint / TRAIN_STATE} is not a valid training state: {err}") from err
-        load_process_state(checkpoint, accelerator.process_index)
+        # resumed on more processes than it had, a process the checkpoint has no RNG state for takes another's
+        load_process_state(checkpoint, accelerator.process_index % saved_processes)
         if stream is not None:
             path = checkpoint / f"stream_state_{accelerator.process_index}.json"
             stream.load_state_dict(read_json(path))

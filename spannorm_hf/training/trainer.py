@@ -18,6 +18,9 @@ Design choices that make runs exact and safe:
   an exclusive lock on its output folder for its whole life, so a second run into the same folder is refused
   before it changes anything, and a run that fails while setting up removes what it added there, so its rerun
   is not refused as a write over an earlier run.
+- A non-finite loss or gradient norm stops the run before that state is logged or saved (`DivergedError`), and
+  what accelerate set up differently from what was launched is said (FSDP on CPU) or refused (unconnected
+  processes); resuming on another number of processes keeps the tokens per step where it can, and says so.
 """
 
 import math
@@ -30,12 +33,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils.environment import parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
-from ..cli import command
+from ..cli import InputError, command
 from ..files import DiskFullError, is_disk_full, locked_output_dir, naming_disk_full, remove_additions_on_failure
 from ..integrations.hub import CheckpointPusher, check_repo_id, load_tokenizer
 from ..parameters import parameter_counts
@@ -67,6 +71,11 @@ __all__ = [
     "parse_args",
     "train",
 ]
+
+
+class DivergedError(InputError):
+    """The training loss or gradient norm is not finite: the settings (learning rate, clipping, precision) or the
+    data made the run diverge. Exit code 2, like bad input: resuming with the same settings diverges again."""
 
 
 class TrainProgress:
@@ -125,6 +134,62 @@ def build_accelerator(args: TrainArguments, timeout: timedelta | None = None) ->
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)] if timeout else None,
     )
+
+
+def check_launch(accelerator: Accelerator) -> str | None:
+    """What `accelerate launch` asked for and accelerate did not set up (see the design notes on CPU runs).
+    Processes that did not join one group are refused: each would train alone, into the same --output. FSDP that
+    accelerate did not enable (it shards only on GPUs and other accelerators; on CPU a `distributed_type: FSDP`
+    config runs DDP) is returned as a line to print: the run trains the same numbers, unsharded."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise SetupError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}), but accelerate did not connect them: each "
+            "would train alone, into the same --output; on a machine without GPUs set ACCELERATE_USE_CPU=1 (with "
+            "--multi_gpu or a DDP/FSDP config), or launch one process"
+        )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        actual = str(accelerator.distributed_type).split(".")[-1]
+        return (
+            f"FSDP is not used: the accelerate config asks for it, but accelerate shards only on GPUs and other "
+            f"accelerators, so this {accelerator.device.type} run is {actual}: every process holds the whole model, "
+            "its gradients and optimizer state"
+        )
+    return None
+
+
+def keep_global_batch(args: TrainArguments, saved: dict, world: int) -> str | None:
+    """Resuming on another number of processes: --grad-accum is scaled so that each step still reads the
+    checkpoint's rows (the same tokens per step, data order and schedule as the uninterrupted run), when the run's
+    --batch-size and --grad-accum are unchanged and the rows divide. Returns the line that says what was done, or
+    what changes when the tokens per step cannot be, or were not, kept."""
+    old, old_world = saved["args"], saved["num_processes"]
+    rows = old["batch_size"] * old["grad_accum"] * old_world
+    unchanged = (args.batch_size, args.grad_accum) == (old["batch_size"], old["grad_accum"])
+    if old_world != world and unchanged and rows % (args.batch_size * world) == 0:
+        args.grad_accum = rows // (args.batch_size * world)
+        return (
+            f"resuming a run of {old_world} processes on {world}: --grad-accum {args.grad_accum} (it had "
+            f"{old['grad_accum']}) keeps its {rows * old['seq_len']} tokens per step"
+        )
+    before, now = rows * old["seq_len"], args.batch_size * args.grad_accum * world * args.seq_len
+    if before == now:
+        return None
+    return (
+        f"resuming with {now} tokens per step ({world} processes x --batch-size {args.batch_size} x --grad-accum "
+        f"{args.grad_accum} x --seq-len {args.seq_len}); the checkpoint's steps had {before} ({old_world} x "
+        f"{old['batch_size']} x {old['grad_accum']} x {old['seq_len']})"
+    )
+
+
+def set_peak_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """A checkpoint's scheduler state holds the peak learning rate of the run that saved it: the resumed run's --lr
+    replaces it from the first resumed step (with the same --lr this recomputes the very same numbers), so that a
+    run resumed with a lower --lr, e.g. after diverging, trains with it."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    scheduler._last_lr = [lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, value in zip(scheduler.optimizer.param_groups, scheduler._last_lr, strict=True):
+        group["lr"], group["initial_lr"] = value, lr
 
 
 def default_attention(accelerator: Accelerator) -> str:
@@ -214,6 +279,7 @@ class Trainer:
         self.args, self.config = args, load_config(args)
         self.accelerator = accelerator = accelerator or build_accelerator(args)
         self.world = accelerator.num_processes
+        self.launch_note = check_launch(accelerator)  # unconnected processes are refused before any takes the lock
         self.pusher = self._hub_pusher()
         output = check_output(args)  # a folder that is not ours is refused before the lock is created in it
         accelerator.wait_for_everyone()  # every process has checked it before the main process writes the lock
@@ -233,8 +299,13 @@ class Trainer:
         self.output = self.checkpointer.output
         self.resume_from = self.checkpointer.find(args.resume, args.overwrite)
         saved = Checkpointer.check_compatible(self.resume_from, self.config, args) if self.resume_from else None
+        notes = [self.launch_note]
         if saved and args.streaming and saved["num_processes"] != self.world:
             raise SetupError(f"cannot resume a streaming run of {saved['num_processes']} processes on {self.world}")
+        if saved:
+            notes.append(keep_global_batch(args, saved, self.world))
+        for note in filter(None, notes):
+            accelerator.print(note)
         accelerator.wait_for_everyone()  # every process has checked the output directory before it is claimed
         if accelerator.is_main_process:
             claim_output(self.output, args.overwrite, fresh=self.resume_from is None)
@@ -252,6 +323,7 @@ class Trainer:
         if self.resume_from is not None:
             restored = (self.model, self.optimizer, self.scheduler, self.progress, self.stream)
             Checkpointer.load(accelerator, self.resume_from, *restored)
+            set_peak_lr(self.scheduler, args.lr)
         self._start_logging(None if args.streaming else len(train_rows))
 
     def _hub_pusher(self) -> CheckpointPusher | None:
@@ -333,9 +405,10 @@ class Trainer:
         )
         self.throughput = Throughput()
         self.model.train()
-        with StopSignal() as stop:
+        with StopSignal() as stop, bar:  # an error closes the bar first: its line ends before the error's
             while progress.step < self.max_steps:
                 stats = self.train_step(stop)
+                self._stop_if_diverged(stats, checkpoint)
                 bar.update(1)
                 metrics = self.step_metrics(stats, bar)
                 if self.val_rows is not None and self._due(args.eval_every):
@@ -349,10 +422,28 @@ class Trainer:
                 if stats.stopping:
                     interrupted = True
                     break
-        bar.close()
         if last_saved != progress.step:  # e.g. resumed at max_steps
             checkpoint = self.save_checkpoint()
         return self.finish(interrupted, checkpoint)
+
+    def _stop_if_diverged(self, stats: StepStats, checkpoint: Path | None) -> None:
+        """A non-finite loss or gradient norm stops the run before that state is logged or saved, so the last
+        checkpoint stays the last good one (a gradient overflow the fp16 scaler skipped is not one: it retries)."""
+        values = {"loss": stats.loss, "MoE aux loss": stats.aux_loss}
+        if not self.accelerator.optimizer_step_was_skipped:
+            values["gradient norm"] = stats.grad_norm
+        bad = [f"{name} is {value}" for name, value in values.items() if value is not None and not math.isfinite(value)]
+        if not bad:
+            return
+        self.accelerator.end_training()  # flush the trackers: the metrics up to the last good step are kept
+        then = "start again"
+        if checkpoint is not None:
+            ours = checkpoint.resolve().parent == self.checkpointer.root.resolve()
+            then = f"--resume {'latest' if ours else checkpoint} continues from the last good checkpoint, {checkpoint}"
+        raise DivergedError(
+            f"the training {' and the '.join(bad)} at step {self.progress.step}: the run stopped without saving this "
+            f"state; lower --lr (or check the data), then {then}"
+        )
 
     def _due(self, every: int) -> bool:
         return self.progress.step % every == 0 or self.progress.step == self.max_steps
@@ -412,10 +503,9 @@ class Trainer:
 
     def _optimizer_step(self) -> torch.Tensor | None:
         """Clip, step the optimizer and the schedule, zero the gradients; the gradient norm before clipping."""
-        grad_norm = None
-        if self.args.max_grad_norm > 0:
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        max_norm = self.args.max_grad_norm or math.inf  # 0: no clipping, but the norm is measured (and checked)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         self.optimizer.step()
         if not self.accelerator.optimizer_step_was_skipped:
             self.scheduler.step()
@@ -497,7 +587,7 @@ def train(args: TrainArguments, accelerator: Accelerator | None = None) -> Train
 @command
 def main(argv: list[str] | None = None) -> int:
     """`spannorm-train` / scripts/train.py: 0 when done, 130 when stopped by a signal, 2 (one `error:` line) for
-    bad input or a full disk."""
+    bad input, a diverged run or a full disk."""
     args = parse_args(argv)
     try:
         result = train(args)
