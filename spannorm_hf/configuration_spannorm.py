@@ -238,6 +238,37 @@ class SpanNormConfig(PreTrainedConfig):
             plain `N(0, initializer_range)` init. Other schemes accept only `"auto"`. DeepNet's pair was kept
             over `residual_scale=1.0` by an earlier pre-registered rule (width 32: neither won a majority of
             settings); the depth study kept this `b` in every arm and varied `a` alone.
+        mup_base_width (`int`, *optional*):
+            A width rule: the `hidden_size` at which the learning rate was tuned. `None` (the default) is the model
+            without a rule, bit for bit, with no extra operation in its forward; so is `hidden_size ==
+            mup_base_width`. Otherwise, with `m = hidden_size / mup_base_width`, it is muP for Adam (Tensor Programs
+            V) realized in the model's own parametrization, not in optimizer parameter groups, so that any optimizer
+            with one learning rate gets the rule, given only the model (this project's trainer, transformers'
+            `Trainer`, TRL). By the abc symmetry, a hidden matrix stored as `w` and used as `W = w / m` moves by
+            `lr / m` per Adam step, as muP's per-layer learning rate would have it:
+
+            - Every branch (the attention sublayer, the dense MLP, the MoE block with its router) takes its input
+              times `1 / m` and its output times `1 / m`, so its matrices (q/k/v/o, gate/up/down, the experts'
+              gate_up/down) act as `w / m`. They are stored at `m` times their effective init: with a branch gain
+              `b` that stays Xavier-normal, so each block computes what it computes without the rule; the plain
+              `N(0, initializer_range)` init is read as tuned at the base width, so its effective std is
+              `initializer_range / sqrt(m)` (muP's init variance ~ 1 / fan_in).
+            - The readouts get muP's `1 / m` (the `mup` package's MuReadout) with their stored init unchanged: the
+              base model's output, so that the LM head, a classification head and a serving engine's own LM head
+              all read it, and the router's logits.
+            - Unchanged: token embeddings, norm gains, the skip scale `a` and branch gain `b` (so the rule composes
+              with every depth rule and norm scheme, dense and MoE) and the attention scaling `1 / sqrt(head_dim)`.
+
+            It assumes every hidden size grows with `hidden_size`: `intermediate_size`, `moe_intermediate_size` and
+            the number of heads at a fixed `head_dim`. What differs from muP with per-group learning rates:
+            decoupled weight decay stays relative per step (`w <- w - lr * wd * w`), so it does not shrink as
+            `1 / m` as a per-group rate would; the gradients of hidden weights shrink as `1 / m`, which global-norm
+            clipping sees, and Adam's `eps` matters sooner as they get small; the output projections' biases
+            (`attention_bias`, `mlp_bias`) share the output multiplier, so their effective rate is `lr / m`, not
+            `lr`. The coordinate check in tests/test_width_rule.py measures each block's branch outputs, the
+            logits and their updates after a few steps of transformers' `Trainer` within 2x across widths 64 to 512
+            with the rule, and the updates growing 3.7x to 25x without it. A learning-rate transfer study has not
+            been run with it.
         num_experts (`int`, defaults to 0):
             Routed experts per sparse layer; 0 builds a dense model, whose config has none of the MoE settings below
             (reading one raises `AttributeError`, as on a Llama config).
@@ -311,6 +342,7 @@ class SpanNormConfig(PreTrainedConfig):
     norm_scheme: NormSchemeName = "span"
     residual_scale: float | int | str | None = depth_rule(RESIDUAL_SCALE_RULES, allow_none=True)(default=None)
     branch_init_gain: float | int | str | None = depth_rule(BRANCH_INIT_GAIN_RULES, allow_none=True)(default="auto")
+    mup_base_width: int | None = positive(default=None)
     num_experts: int = size(SIZE_LIMITS["experts"], minimum=0)(default=0)
     num_experts_per_tok: int = positive(default=2)
     moe_intermediate_size: int | None = size(SIZE_LIMITS["width"])(default=None)
@@ -424,6 +456,11 @@ class SpanNormConfig(PreTrainedConfig):
         if isinstance(self.branch_init_gain, str):
             return (8 * self.num_hidden_layers) ** BRANCH_INIT_GAIN_RULES[self.branch_init_gain]
         return float(self.branch_init_gain)
+
+    @property
+    def width_multiplier(self) -> float | None:
+        """The width rule's `m = hidden_size / mup_base_width`, or `None` without a rule."""
+        return None if self.mup_base_width is None else self.hidden_size / self.mup_base_width
 
     def is_sparse_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` holds a routed MoE instead of the dense MLP."""

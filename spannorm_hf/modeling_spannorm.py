@@ -20,10 +20,13 @@ output weights. Both take a number or a named depth rule (see `SpanNormConfig`),
 
 All block wiring lives in `NORM_SCHEMES` next to the decoder layer; attention, MLP and experts know nothing
 about the scheme, and every norm is a plain RMSNorm module called on a sum computed outside it, so a serving
-engine can swap the norms, the attention function and the experts for its own kernels. This file imports only
-torch, transformers and `configuration_spannorm`, so it can be shipped as Hub remote code; it runs on every
-transformers from `MIN_TRANSFORMERS_VERSION` (checked in `configuration_spannorm`) to the newest, through the
-small compatibility block below the imports.
+engine can swap the norms, the attention function and the experts for its own kernels. A width rule (muP,
+`SpanNormConfig.mup_base_width`) is a multiplier 1/m on the input and output of the attention, MLP and MoE modules
+and on the base model's output, outside everything an engine swaps, plus an init scale in `_init_weights`.
+
+This file imports only torch, transformers and `configuration_spannorm`, so it can be shipped as Hub remote code; it
+runs on every transformers from `MIN_TRANSFORMERS_VERSION` (checked in `configuration_spannorm`) to the newest,
+through the small compatibility block below the imports.
 """
 
 import functools
@@ -103,20 +106,37 @@ class SpanNormRotaryEmbedding(LlamaRotaryEmbedding):
 # quantization, LoRA, serving engines' parallel linears) see every one of them.
 QUERY_KEY_LINEARS = ("q_proj", "k_proj")
 BRANCH_LINEARS = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK_LINEARS = QUERY_KEY_LINEARS + BRANCH_LINEARS  # the hidden matrices a width rule scales (with the experts)
+
+
+def width_scale(config: SpanNormConfig) -> float | None:
+    """`1 / m` under a width rule (`SpanNormConfig.mup_base_width`); `None` without one or at the base width (m = 1),
+    where the model is the one without a rule, operation for operation. On each branch's input and output it makes
+    every hidden matrix inside act as `w / m`; the router (inside the MoE branch) and the model's output are
+    readouts, which muP scales by `1 / m`."""
+    multiplier = config.width_multiplier
+    return None if multiplier in (None, 1.0) else 1.0 / multiplier
+
+
+def scaled(hidden_states: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """`hidden_states * scale`; no operation at all without a width rule."""
+    return hidden_states if scale is None else hidden_states * scale
 
 
 class SpanNormMLP(nn.Module):
-    """SwiGLU MLP, down(act(gate(x)) * up(x)), as Llama's."""
+    """SwiGLU MLP, down(act(gate(x)) * up(x)), as Llama's; under a width rule its input and output are times 1/m."""
 
     def __init__(self, config: SpanNormConfig):
         super().__init__()
+        self.width_scale = width_scale(config)
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        x = scaled(x, self.width_scale)
+        return scaled(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)), self.width_scale)
 
 
 # transformers finds the `experts_implementation` switch by reading this decorator in the model's own file.
@@ -132,23 +152,28 @@ class SpanNormTopKRouter(Qwen3MoeTopKRouter):
 
 
 class SpanNormSparseMoeBlock(nn.Module):
-    """Top-k routed experts; drops in wherever the dense MLP sits, in every norm scheme."""
+    """Top-k routed experts; drops in wherever the dense MLP sits, in every norm scheme. Under a width rule its input
+    (the router's too) and output are times 1/m, here and not in the experts, which serving engines replace."""
 
     def __init__(self, config: SpanNormConfig):
         super().__init__()
+        self.width_scale = width_scale(config)
         self.experts = SpanNormExperts(config)
         self.gate = SpanNormTopKRouter(config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, sequence_length, hidden_dim = hidden_states.shape
-        flat = hidden_states.view(-1, hidden_dim)
+        flat = scaled(hidden_states.view(-1, hidden_dim), self.width_scale)
         _, routing_weights, selected_experts = self.gate(flat)
-        return self.experts(flat, selected_experts, routing_weights).reshape(batch_size, sequence_length, hidden_dim)
+        routed = self.experts(flat, selected_experts, routing_weights)
+        return scaled(routed, self.width_scale).reshape(batch_size, sequence_length, hidden_dim)
 
 
 @use_kernelized_func(apply_rotary_pos_emb)
 class SpanNormAttention(nn.Module):
-    """Multi-head attention with GQA and RoPE; `norms` names the per-head norms it owns (q_norm, k_norm, v_norm)."""
+    """Multi-head attention with GQA and RoPE; `norms` names the per-head norms it owns (q_norm, k_norm, v_norm).
+    Under a width rule its input and output are times 1/m, here and not in the attention function, which serving
+    engines replace; the attention scaling stays 1/sqrt(head_dim) (heads are added as width grows)."""
 
     def __init__(self, config: SpanNormConfig, layer_idx: int, norms: tuple[str, ...] = ()):
         super().__init__()
@@ -159,6 +184,7 @@ class SpanNormAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
+        self.width_scale = width_scale(config)
 
         heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=bias)
@@ -179,6 +205,7 @@ class SpanNormAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
+        hidden_states = scaled(hidden_states, self.width_scale)
 
         query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
@@ -204,7 +231,7 @@ class SpanNormAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        return scaled(self.o_proj(attn_output), self.width_scale), attn_weights
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,16 +366,22 @@ class SpanNormPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, initializer_range) by default; the scheme's own init by module role: token embeddings N(0, 1) in
         `UNIT_EMBEDDING_SCHEMES`; with a branch gain `b` (span/deepnorm), block Linears (by attribute name) and experts
-        Xavier-normal, gain `b` on the branch outputs and 1 on queries and keys. Leaves only: transformers skips
-        `_init_weights` for parameter-less parents under remote code. `init.*` skips weights that `from_pretrained`
-        loaded, so a depth-scaled init never overwrites a checkpoint."""
+        Xavier-normal, gain `b` on the branch outputs and 1 on queries and keys; under a width rule, those hidden
+        matrices stored at m times their effective init. Leaves only: transformers skips `_init_weights` for
+        parameter-less parents under remote code. `init.*` skips weights that `from_pretrained` loaded, so a
+        depth-scaled init never overwrites a checkpoint."""
         super()._init_weights(module)
         std = self.config.initializer_range
         gain = self.config.branch_gain
-        if isinstance(module, nn.Linear) and gain is not None:
+        # A width rule stores each hidden matrix (block Linears, experts) at m times its effective init, as the
+        # forward divides by m; the plain N(0, std) is read as tuned at the base width: effective std / sqrt(m).
+        m = self.config.width_multiplier or 1.0
+        if isinstance(module, nn.Linear):
             name = self._attribute_name(module)
-            if name in QUERY_KEY_LINEARS + BRANCH_LINEARS:
-                init.xavier_normal_(module.weight, gain=gain if name in BRANCH_LINEARS else 1.0)
+            if name in BLOCK_LINEARS and gain is not None:
+                init.xavier_normal_(module.weight, gain=m * (gain if name in BRANCH_LINEARS else 1.0))
+            elif name in BLOCK_LINEARS and m != 1.0:  # super() drew N(0, std), the init without a rule
+                init.normal_(module.weight, mean=0.0, std=std * m**0.5)
         elif isinstance(module, nn.Embedding) and self.config.norm_scheme in UNIT_EMBEDDING_SCHEMES:
             init.normal_(module.weight, mean=0.0, std=1.0)
             if module.padding_idx is not None:
@@ -356,8 +389,8 @@ class SpanNormPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SpanNormExperts):
             # Xavier-normal per expert matrix: fan_in + fan_out of [2I, H] and [H, I]
             hidden, inter = module.hidden_dim, module.intermediate_dim
-            gate_up_std = std if gain is None else gain * (2.0 / (hidden + 2 * inter)) ** 0.5
-            down_std = std if gain is None else gain * (2.0 / (hidden + inter)) ** 0.5
+            gate_up_std = std * m**0.5 if gain is None else m * gain * (2.0 / (hidden + 2 * inter)) ** 0.5
+            down_std = std * m**0.5 if gain is None else m * gain * (2.0 / (hidden + inter)) ** 0.5
             init.normal_(module.gate_up_proj, mean=0.0, std=gate_up_std)
             init.normal_(module.down_proj, mean=0.0, std=down_std)
         elif isinstance(module, SpanNormTopKRouter):
@@ -382,6 +415,7 @@ class SpanNormModel(SpanNormPreTrainedModel):
         final = NORM_SCHEMES[config.norm_scheme].final_norm
         self.norm = SpanNormRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if final else no_norm
         self.rotary_emb = SpanNormRotaryEmbedding(config=config)
+        self.width_scale = width_scale(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -434,7 +468,9 @@ class SpanNormModel(SpanNormPreTrainedModel):
                 **kwargs,
             )
 
-        hidden_states = self.norm(hidden_states)
+        # A width rule's readout multiplier (muP's MuReadout) sits here, not in the LM head: every head reads this
+        # output, and serving engines run this base model under their own LM head.
+        hidden_states = scaled(self.norm(hidden_states), self.width_scale)
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
 

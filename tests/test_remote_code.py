@@ -189,10 +189,11 @@ print(json.dumps(found))
 """
 
 
-@pytest.mark.slow  # two model loads in a fresh Python (~15 s on a busy 2-core machine)
+@pytest.mark.slow  # three model loads in a fresh Python (~15 s on a busy 2-core machine)
 def test_floor_version(tmp_path):
-    """Folders exported by the newest transformers give the same greedy tokens on MIN_TRANSFORMERS_VERSION, run from
-    `make test`'s floor environment (.venv-floor-site, put ahead of .venv's site-packages)."""
+    """Folders exported by the newest transformers (dense, MoE, MoE with a width rule) give the same greedy tokens on
+    MIN_TRANSFORMERS_VERSION, run from `make test`'s floor environment (.venv-floor-site, ahead of .venv's
+    site-packages)."""
     if not (FLOOR_SITE / "transformers").is_dir():
         if os.environ.get(SKIP_FLOOR_VARIABLE) == "1":
             pytest.skip(f"{SKIP_FLOOR_VARIABLE}=1: the transformers-floor check is off")
@@ -200,7 +201,7 @@ def test_floor_version(tmp_path):
     torch.set_num_threads(1)  # as the fresh process: the same float computation, only the transformers differs
     prompts = {"ids": [[0, 0, 5, 17, 33], [9, 8, 7, 6, 5]], "mask": [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]}
     folders, expected = [], {}
-    for kind, config in (("dense", tiny_config()), ("moe", moe_config())):
+    for kind, config in (("dense", tiny_config()), ("moe", moe_config()), ("width-rule", moe_config(mup_base_width=8))):
         model = SpanNormForCausalLM(config).eval()
         model.save_pretrained(tmp_path / kind)
         folders.append(str(tmp_path / kind))

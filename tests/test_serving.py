@@ -69,10 +69,15 @@ def test_the_folder_is_served_through_automodel():
     assert "AutoModel" in AUTO_MAP and SpanNormForCausalLM._supports_attention_backend
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-@pytest.mark.parametrize("scheme", NORM_SCHEME_NAMES)
-def test_swapped_norms_experts_and_attention_give_the_same_logits(scheme, kind):
-    config = (moe_config if kind == "moe" else tiny_config)(norm_scheme=scheme, attn_implementation="sdpa")
+CASES = [(s, k, None) for s in NORM_SCHEME_NAMES for k in ("dense", "moe")]
+CASES += [("span", "moe", 8), ("pre", "dense", 8)]  # a width rule (mup_base_width) with m = 4
+
+
+@pytest.mark.parametrize("scheme,kind,base_width", CASES)
+def test_swapped_norms_experts_and_attention_give_the_same_logits(scheme, kind, base_width):
+    """Also under a width rule (mup_base_width): its multipliers sit outside the modules an engine replaces."""
+    factory = moe_config if kind == "moe" else tiny_config
+    config = factory(norm_scheme=scheme, attn_implementation="sdpa", mup_base_width=base_width)
     model = SpanNormForCausalLM(config).eval()
     x = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(x)
