@@ -234,6 +234,13 @@ def test_an_endless_prompts_file_is_refused_at_its_first_block(checkpoint, capsy
     assert_one_error_line(capsys.readouterr().err, "--prompts-file '/dev/zero' is not a text file", "NUL")
 
 
+def test_an_endless_training_config_is_refused_before_anything_is_written(files, tmp_path, capsys):
+    """--config is read as every settings file is: a block at a time, bounded (/dev/zero once ate all memory)."""
+    assert trainer.main(argv(files, tmp_path / "run", config="/dev/zero")) == 2
+    assert_one_error_line(capsys.readouterr().err, "--config '/dev/zero' is not a text file", "NUL")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "module, limit, option",
     [

@@ -9,7 +9,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 from transformers.utils import is_flash_attn_2_available
 
-from ..cli import ArgumentParser, InputError, one_line
+from ..cli import ArgumentParser, InputError, one_line, read_json_object
 from ..configuration_spannorm import SpanNormConfig
 
 # transformers' schedulers (`get_scheduler`) that need only the warmup and total steps: not cosine_with_min_lr and
@@ -139,8 +139,9 @@ def parse_args(argv: list[str] | None = None) -> TrainArguments:
 def load_config(args: TrainArguments) -> SpanNormConfig:
     """The model config, proven buildable (on the meta device: no memory), with the --attn-implementation asked
     for, before anything is written; a missing --seq-len becomes the config's context length."""
+    settings = read_json_object(args.config, what="--config")  # bounded: --config /dev/zero is refused, not read
     try:
-        config = SpanNormConfig.from_json_file(args.config)
+        config = SpanNormConfig(**settings)
     except (OSError, ValueError, TypeError, StrictDataclassError) as err:
         raise SetupError(f"--config {args.config!r}: {err}") from err
     try:
