@@ -192,3 +192,21 @@ def test_a_failed_block_removes_only_what_it_added(tmp_path):
     with remove_additions_on_failure(tmp_path):  # a block that succeeds keeps what it wrote
         (tmp_path / "tokenizer.json").write_text("{}")
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "tokenizer.json"]
+
+
+def test_a_failed_start_with_overwrite_loses_nothing(files, finished_run, tmp_path, capsys):
+    """--overwrite over a finished run, with data too short for one validation row: the start fails after the new
+    tokenizer is trained (no --tokenizer), and the earlier run's metrics, TensorBoard events, checkpoints and
+    exported model with its tokenizer are all still there, byte for byte. Its corrected rerun replaces them."""
+    out = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    (tmp_path / "small.txt").write_text(read_default_corpus()[:3000])
+    options = dict(data=tmp_path / "small.txt", tokenizer=None, val_size=1, max_steps=2, eval_every=2, save_every=2)
+    before = snapshot(out)
+    assert main([*argv(files, out, seq_len=64, **options), "--overwrite"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "the validation split packs into 0 rows of 64 tokens")
+    assert snapshot(out) == before
+    AcceleratorState._reset_state(True)
+    assert main([*argv(files, out, seq_len=16, **options), "--overwrite"]) == 0
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
+    assert checkpoint_names(out) == ["step-00000002"]
+    assert (out / "tokenizer.json").read_bytes() != before["tokenizer.json"]  # the new run's, exported with its model

@@ -363,22 +363,26 @@ def check_output(args: TrainArguments) -> Path:
         raise SetupError(str(err)) from err
 
 
-def claim_output(output: Path, overwrite: bool, fresh: bool) -> None:
-    """Create and mark the run directory and prove it is writable (main process, after every check). A fresh run
-    over an earlier one (allowed by `Checkpointer.find`: --overwrite, or --resume latest of a run that never
-    checkpointed) first removes what that run wrote there (only the files training writes)."""
+def claim_output(output: Path, overwrite: bool) -> None:
+    """Create and mark the run directory and prove it is writable (main process, after every check)."""
     try:
         claim_output_dir(output, "training-run", flag="--output", overwrite=overwrite)
         with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
             pass
     except OSError as err:
         raise SetupError(f"output directory {str(output)!r} is not writable: {err}") from err
-    if fresh:
-        (output / METRICS_FILE).unlink(missing_ok=True)
-        for events in (output / TENSORBOARD_DIR).glob("**/events.out.tfevents.*"):
-            events.unlink()
-        for stale in [*Checkpointer(output).existing(), output / HUB_UPLOADS]:
-            shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_earlier_run(output: Path) -> None:
+    """Remove the records an earlier run wrote in `output` (metrics, TensorBoard events, checkpoints, Hub uploads;
+    its exported model is replaced by this run's export): what a fresh run over it (allowed by `Checkpointer.find`:
+    --overwrite, or --resume latest of a run that never checkpointed) does once its data, tokenizer and model are
+    set up and it starts writing its own records, so a start that fails before then loses nothing (main process)."""
+    (output / METRICS_FILE).unlink(missing_ok=True)
+    for events in (output / TENSORBOARD_DIR).glob("**/events.out.tfevents.*"):
+        events.unlink()
+    for stale in [*Checkpointer(output).existing(), output / HUB_UPLOADS]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def earlier_run_files(output: Path) -> list[str]:
