@@ -210,3 +210,33 @@ def test_a_failed_start_with_overwrite_loses_nothing(files, finished_run, tmp_pa
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
     assert checkpoint_names(out) == ["step-00000002"]
     assert (out / "tokenizer.json").read_bytes() != before["tokenizer.json"]  # the new run's, exported with its model
+
+
+# ------------------------------------------------------- item 2: resume never deletes a record it cannot place
+
+
+@pytest.mark.parametrize(
+    "edited, message",
+    [
+        ('{"step": "abc", "loss": 5.7}', 'has "step": "abc", not a whole number >= 0'),
+        ('{"step": NaN, "loss": 5.7}', 'has "step": NaN, not a whole number >= 0'),  # was deleted: NaN <= 4 is False
+        ('{"step": 2.5, "loss": 5.7}', 'has "step": 2.5, not a whole number >= 0'),
+        ("[2, 5.7]", "is not a JSON object ('[2, 5.7]')"),
+    ],
+)
+def test_resume_refuses_a_metrics_line_it_cannot_place_and_deletes_nothing(
+    files, finished_run, tmp_path, capsys, edited, message
+):
+    """A step-2 record (at or below the checkpoint's step 4) edited into one whose step is not a whole number: its
+    place before or after the checkpoint is unknown, so resuming is one error line naming the line, and every
+    record stays."""
+    out = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    number = next(n for n, line in enumerate(lines, 1) if line.startswith('{"step": 2, "loss"'))
+    lines[number - 1] = edited
+    metrics.write_text("".join(line + "\n" for line in lines))
+    before = snapshot(out)
+    assert main([*argv(files, out, max_steps=4, save_every=2, eval_every=2), "--resume", "latest"]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"{metrics} line {number} ", message, "repair or delete that line")
+    assert snapshot(out) == before
