@@ -103,6 +103,19 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_runs_lock_is_no
     assert not (out / LOCK_HOLDER_FILE).exists()
 
 
+def test_a_run_into_a_folder_another_run_is_starting_in_is_told_it_is_in_use(files, tmp_path, capsys):
+    """The moment in which a starting run holds the lock but its ownership marker is still the staging file that
+    `atomic_write_json` renames into place: the folder looks like someone else's, but the true reason, "in use",
+    is the one given (it was "not empty ... not created by this command"), and nothing changes."""
+    out = tmp_path / "run"
+    with locked_output_dir(out, flag="--output"):
+        (out / f"{OUTPUT_MARKER}.tmp-1a2b3c4d").write_text('{"kind": "training-run"')
+        before = snapshot(out)
+        assert main(argv(files, out)) == 2
+        assert_one_error_line(capsys.readouterr().err, f"--output {str(out)!r} is in use by pid {os.getpid()} on ")
+        assert snapshot(out) == before
+
+
 # ------------------------------------------------------------------- item 4: train_state.json is validated on resume
 
 

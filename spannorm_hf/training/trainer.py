@@ -38,7 +38,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
 from ..cli import command
-from ..files import DiskFullError, is_disk_full, locked_output_dir, naming_disk_full, remove_additions_on_failure
+from ..files import (
+    DiskFullError,
+    is_disk_full,
+    locked_output_dir,
+    naming_disk_full,
+    raise_if_busy,
+    remove_additions_on_failure,
+)
 from ..integrations.hub import CheckpointPusher, check_repo_id
 from ..parameters import parameter_counts
 from .arguments import SetupError, TrainArguments, load_config, parse_args
@@ -226,7 +233,11 @@ class Trainer:
         self.accelerator = accelerator = accelerator or build_accelerator(args)
         self.world = accelerator.num_processes
         self.pusher = self._hub_pusher()
-        output = check_output(args)  # a folder that is not ours is refused before the lock is created in it
+        try:
+            output = check_output(args)  # a folder that is not ours is refused before the lock is created in it
+        except SetupError:  # unless a run starting there holds it: it locks the folder before marking it as its own
+            raise_if_busy(args.output, flag="--output")
+            raise
         accelerator.wait_for_everyone()  # every process has checked it before the main process writes the lock
         with ExitStack() as lock:
             if accelerator.is_main_process:  # the process that writes the run's files holds the lock
