@@ -253,3 +253,90 @@ def test_resume_refuses_a_metrics_line_it_cannot_place_and_deletes_nothing(
     assert main([*argv(files, out, max_steps=4, save_every=2, eval_every=2), "--resume", "latest"]) == 2
     assert_one_error_line(capsys.readouterr().err, f"{metrics} line {number} ", message, "repair or delete that line")
     assert snapshot(out) == before
+
+
+# -------------------------------------------------- item 4: every JSON state a resume restores is validated first
+
+
+@pytest.fixture(scope="module")
+def streaming_run(files, tmp_path_factory) -> Path:
+    """A finished 4-step streaming run with checkpoints at steps 2 and 4, on its own copy of the data: datasets
+    builds a stream with another stage (so another state) once a non-streaming run has cached the same file."""
+    root = tmp_path_factory.mktemp("streaming")
+    shutil.copy(files / "data.txt", root / "data.txt")
+    with clean_accelerate_state():
+        train(parse_args(argv(files, root / "run", data=root / "data.txt", **STREAMING)))
+    return root
+
+
+STREAMING = dict(streaming=True, val_size=20, max_steps=4, save_every=2, eval_every=2)
+SHARD = ("rows", "examples_iterable", "examples_iterable", "examples_iterable")  # the position in the data file
+
+
+def _set(keys: tuple, value):
+    def edit(state: dict) -> None:
+        for key in keys[:-1]:
+            state = state[key]
+        state[keys[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("stream_state_0.json", _set(("epoch",), "1"), "stream state: field 'epoch' must be an integer >= 0, got"),
+        (  # accepted before, and datasets read the shard from wherever that led
+            "stream_state_0.json",
+            _set((*SHARD, "shard_example_idx"), -3),
+            f"stream state: field '{'.'.join(SHARD)}.shard_example_idx' must be an integer >= 0, got -3",
+        ),
+        (
+            "stream_state_0.json",
+            _set(("rows", "examples_iterable", "type"), "FilteredExamplesIterable"),
+            "field 'rows.examples_iterable.type' must be 'MappedExamplesIterable', as in this run",
+        ),
+        (  # an unknown key became an attribute of the scheduler, replacing its optimizer (AttributeError)
+            "train_state.json",
+            _set(("scheduler", "optimizer"), None),
+            "training state: field 'scheduler.optimizer' is not part of this run's state (expected: base_lrs,",
+        ),
+        (  # one peak learning rate for two parameter groups (a ValueError at the first step)
+            "train_state.json",
+            _set(("scheduler", "base_lrs"), [0.003]),
+            "training state: field 'scheduler.base_lrs' must be a list of 2 values, got [0.003]",
+        ),
+        (
+            "train_state.json",
+            _set(("scheduler", "lr_lambdas"), [{"func": 1}, {}]),
+            "field 'scheduler.lr_lambdas[0].func' is not part of this run's state (expected: none)",
+        ),
+        (
+            "optimizer.json",
+            _set(("param_groups", 0, "lr"), "abc"),
+            "optimizer state: field 'param_groups[0].lr' must be a finite number >= 0, got \"abc\"",
+        ),
+        (
+            "optimizer.json",
+            _set(("param_groups", 1, "betas"), [2.0]),
+            "optimizer state: field 'param_groups[1].betas' must be a list of 2 values, got [2.0]",
+        ),
+        ("rng_state_0.json", _set(("python", 1, 0), 2**70), "does not hold a valid RNG state: Python int too large"),
+    ],
+)
+def test_resume_refuses_a_resealed_state_naming_the_file_and_field(
+    files, streaming_run, tmp_path, capsys, name, edit, message
+):
+    """A JSON state of the checkpoint edited and the manifest resealed: resuming is refused with one line naming the
+    file and the field before anything is restored or written (it used to be restored as it was: a traceback, or
+    a silently different run), and nothing in the run folder changes."""
+    out = Path(shutil.copytree(streaming_run / "run", tmp_path / "run"))
+    checkpoint = out / "checkpoints" / "step-00000004"
+    state = json.loads((checkpoint / name).read_text())
+    edit(state)
+    (checkpoint / name).write_text(json.dumps(state))
+    write_manifest(checkpoint)
+    before = snapshot(out)
+    assert main([*argv(files, out, data=streaming_run / "data.txt", **STREAMING), "--resume", "latest"]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"error: {checkpoint / name} ", message)
+    assert snapshot(out) == before
