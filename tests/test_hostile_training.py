@@ -321,6 +321,11 @@ def _set(keys: tuple, value):
             _set(("param_groups", 1, "betas"), [2.0]),
             "optimizer state: field 'param_groups[1].betas' must be a list of 2 values, got [2.0]",
         ),
+        (  # the parameter names, which torch maps onto the model itself (a TypeError there)
+            "optimizer.json",
+            _set(("param_groups", 0, "params"), None),
+            "with optimizer.safetensors does not fit the optimizer: ",
+        ),
         ("rng_state_0.json", _set(("python", 1, 0), 2**70), "does not hold a valid RNG state: Python int too large"),
     ],
 )

@@ -392,7 +392,7 @@ def load_model_and_optimizer(
         set_optimizer_state_dict(module, optim, {"state": state, "param_groups": groups}, options=options)
     except (RuntimeError, KeyError, ValueError, TypeError) as err:  # e.g. a parameter name it does not have
         raise CheckpointError(
-            f"{folder / OPTIMIZER_TENSORS} with {OPTIMIZER_VALUES} does not fit the optimizer: {one_line(err)}"
+            f"{folder / OPTIMIZER_VALUES} with {OPTIMIZER_TENSORS} does not fit the optimizer: {one_line(err)}"
         ) from err
 
 
