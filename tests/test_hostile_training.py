@@ -306,10 +306,10 @@ def _set(keys: tuple, value):
             _set(("scheduler", "base_lrs"), [0.003]),
             "training state: field 'scheduler.base_lrs' must be a list of 2 values, got [0.003]",
         ),
-        (
+        (  # the learning rate the first resumed step uses
             "train_state.json",
-            _set(("scheduler", "lr_lambdas"), [{"func": 1}, {}]),
-            "field 'scheduler.lr_lambdas[0].func' is not part of this run's state (expected: none)",
+            _set(("scheduler", "_last_lr"), [-1.0, 0.0]),
+            "training state: field 'scheduler._last_lr[0]' must be a finite number >= 0, got -1.0",
         ),
         (
             "optimizer.json",
@@ -345,3 +345,17 @@ def test_resume_refuses_a_resealed_state_naming_the_file_and_field(
     assert main([*argv(files, out, data=streaming_run / "data.txt", **STREAMING), "--resume", "latest"]) == 2
     assert_one_error_line(capsys.readouterr().err, f"error: {checkpoint / name} ", message)
     assert snapshot(out) == before
+
+
+def test_resume_takes_a_scheduler_state_written_with_another_lr_scheduler(files, streaming_run, tmp_path):
+    """--lr-scheduler may change on resume (with a warning): the constant schedule's state holds a null for each of
+    its lambdas, where the default cosine one holds an object, and torch skips a null."""
+    out = Path(shutil.copytree(streaming_run / "run", tmp_path / "run"))
+    checkpoint = out / "checkpoints" / "step-00000004"
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    state["scheduler"]["lr_lambdas"] = [None, None]
+    state["args"]["lr_scheduler"] = "constant"
+    (checkpoint / "train_state.json").write_text(json.dumps(state))
+    write_manifest(checkpoint)
+    with pytest.warns(UserWarning, match=r"\{'lr_scheduler': \('constant', 'cosine'\)\}"):
+        assert main([*argv(files, out, data=streaming_run / "data.txt", **STREAMING), "--resume", "latest"]) == 0

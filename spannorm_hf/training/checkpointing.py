@@ -637,9 +637,9 @@ class Checkpointer:
         never unpickles."""
         load_model_and_optimizer(accelerator, model, optimizer, checkpoint)
         state = read_train_state(checkpoint)
-        check_restorable(
-            checkpoint / TRAIN_STATE, "training state", state["scheduler"], scheduler.state_dict(), "scheduler"
-        )
+        like = scheduler.state_dict()  # torch skips a None lr_lambdas entry (a plain function's, e.g. the constant
+        like["lr_lambdas"] = [None] * len(like["lr_lambdas"])  # schedule's): a resume may change --lr-scheduler
+        check_restorable(checkpoint / TRAIN_STATE, "training state", state["scheduler"], like, "scheduler")
         try:
             scheduler.load_state_dict(state["scheduler"])
             progress.load_state_dict(state)
