@@ -1,6 +1,7 @@
-"""Issue 20 ("Trust, round two"), items 1, 4 and 5: a hostile but realistic user against a training run's output
-folder and its resume. Two runs into one folder, a hand-edited and resealed train_state.json, and a start that fails
-after writing something must neither lose what is there nor leave a folder that refuses the rerun."""
+"""Issue 20 ("Trust, round two"), items 1, 4 and 5, and their follow-ups: a hostile but realistic user against a
+training run's output folder and its resume. Two runs into one folder (even while the first is starting), a
+hand-edited and resealed checkpoint state or metrics.jsonl, and a start that fails after writing something (with or
+without --overwrite) must neither lose what is there nor leave a folder that refuses the rerun."""
 
 import json
 import os
@@ -225,7 +226,7 @@ def test_a_failed_start_with_overwrite_loses_nothing(files, finished_run, tmp_pa
     assert (out / "tokenizer.json").read_bytes() != before["tokenizer.json"]  # the new run's, exported with its model
 
 
-# ------------------------------------------------------- item 2: resume never deletes a record it cannot place
+# ---------------------------------------------- item 4, follow-up: resume never deletes a record it cannot place
 
 
 @pytest.mark.parametrize(
@@ -255,7 +256,7 @@ def test_resume_refuses_a_metrics_line_it_cannot_place_and_deletes_nothing(
     assert snapshot(out) == before
 
 
-# -------------------------------------------------- item 4: every JSON state a resume restores is validated first
+# ------------------------------------- item 4, follow-up: every JSON state a resume restores is validated first
 
 
 @pytest.fixture(scope="module")
