@@ -282,6 +282,30 @@ def _lock_holder(folder: Path) -> str:
         return "another process (one that has not recorded itself yet)"
 
 
+def _busy_error(folder: Path, flag: str) -> OutputBusyError:
+    holder = _lock_holder(folder)
+    return OutputBusyError(
+        f"{flag} {str(folder)!r} is in use by {holder}: wait for that run to end, or choose another folder"
+    )
+
+
+def raise_if_busy(path: str | os.PathLike, *, flag: str) -> None:
+    """Raise `OutputBusyError` if a process holds the lock of the output folder `path`; creates nothing (a folder
+    without the lock file has no holder). For a folder about to be refused as not this command's: a run starting
+    there takes the lock before it marks the folder as its own, so for that moment "in use" is the true reason."""
+    lock_file = Path(path).expanduser() / LOCK_FILE
+    if not lock_file.is_file():
+        return
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise _busy_error(lock_file.parent, flag) from None
+    except OSError:
+        return  # unreadable: the refusal that follows stands
+    lock.release()
+
+
 @contextmanager
 def locked_output_dir(path: str | os.PathLike, *, flag: str) -> Iterator[Path]:
     """Hold an exclusive lock on the output folder `path` (created if missing) for the block, or raise
@@ -294,10 +318,7 @@ def locked_output_dir(path: str | os.PathLike, *, flag: str) -> Iterator[Path]:
         path.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
-        holder = _lock_holder(path)
-        raise OutputBusyError(
-            f"{flag} {str(path)!r} is in use by {holder}: wait for that run to end, or choose another folder"
-        ) from None
+        raise _busy_error(path, flag) from None
     except OSError as error:
         raise OutputDirError(f"{flag} {str(path)!r} is not writable: {error}") from error
     try:

@@ -16,6 +16,8 @@ Nothing is ever unpickled: tensors are read with safetensors, everything else wi
 (`custom_checkpoint_*.pkl`, `random_states_*.pkl`) and unpickles them on load, and under FSDP writes
 torch.distributed.checkpoint folders whose `.metadata` is a pickle. A checkpoint whose manifest does not verify,
 that holds a pickle-format file, or whose files do not parse is refused with `CheckpointError` naming the file.
+So is one whose JSON states do not have the shape of the resuming run's own (`check_like`: the scheduler's, the
+optimizer's settings, the data stream's), naming the field, before they are restored.
 """
 
 import base64
@@ -225,6 +227,70 @@ def read_train_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+# ----------------------------------------------------------------------------------------- restored states (JSON)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _inside(field: str, key: str | int) -> str:
+    return f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}" if field else key
+
+
+def _check_numbers(value: Any, field: str) -> None:
+    if isinstance(value, dict | list):
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            _check_numbers(item, _inside(field, key))
+    elif type(value) in (int, float) and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"field {field!r} must be a finite number >= 0, got {_shown(value)}")
+
+
+def check_like(value: Any, like: Any, field: str = "") -> None:
+    """Raise ValueError naming the field unless `value`, read from a checkpoint's JSON, has the shape of `like`: the
+    same state as this run holds it before restoring (its scheduler's, data stream's, optimizer settings'). Objects
+    need the same keys (a restored key may become an attribute: an unknown one could replace any, e.g. a
+    scheduler's optimizer; a missing one would silently keep this run's fresh value, e.g. a stream position), lists
+    the same length, strings the same text (datasets' names for the stages of a stream), booleans a boolean, and
+    numbers (counters, positions, learning rates) must be finite and >= 0, and whole where the run's are. Where the
+    run has None (a state not started yet, e.g. datasets' `previous_state`), None or JSON whose numbers are finite
+    and >= 0."""
+    if isinstance(like, dict):
+        if not isinstance(value, dict):
+            where = f"field {field!r}" if field else "the file"
+            raise ValueError(f"{where} must hold a JSON object, got {_shown(value)}")
+        for key in sorted(like.keys() ^ value.keys()):
+            problem = "is missing" if key in like else "is not part of this run's state"
+            raise ValueError(f"field {_inside(field, key)!r} {problem} (expected: {', '.join(like) or 'none'})")
+        for key, expected in like.items():
+            check_like(value[key], expected, _inside(field, key))
+    elif isinstance(like, list | tuple):
+        if not isinstance(value, list) or len(value) != len(like):
+            raise ValueError(f"field {field!r} must be a list of {len(like)} values, got {_shown(value)}")
+        for index, (item, expected) in enumerate(zip(value, like, strict=True)):
+            check_like(item, expected, _inside(field, index))
+    elif like is None:
+        _check_numbers(value, field)
+    elif isinstance(like, bool | str):
+        if type(value) is not type(like) or (isinstance(like, str) and value != like):
+            expected = repr(like) if isinstance(like, str) else "true or false"
+            raise ValueError(f"field {field!r} must be {expected}, as in this run, got {_shown(value)}")
+    elif isinstance(like, int):
+        if type(value) is not int or value < 0:
+            raise ValueError(f"field {field!r} must be an integer >= 0, got {_shown(value)}")
+    elif type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"field {field!r} must be a finite number >= 0, got {_shown(value)}")
+
+
+def check_restorable(path: Path, what: str, value: Any, like: Any, field: str = "") -> None:
+    """`check_like` as a CheckpointError naming the file: before a saved state replaces a live one."""
+    try:
+        check_like(value, like, field)
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not a valid {what}: {err}") from err
+
+
 # ------------------------------------------------------------------------------------------------------ RNG state
 
 
@@ -259,7 +325,7 @@ def set_rng_state(state: dict[str, Any], path: Path) -> None:
         torch.set_rng_state(_tensor(state["torch"]))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as err:
         raise CheckpointError(f"{path} does not hold a valid RNG state: {err}") from err
 
 
@@ -291,6 +357,11 @@ def save_model_and_optimizer(
     _write_json({"state": values, "param_groups": optim_state["param_groups"]}, folder / OPTIMIZER_VALUES)
 
 
+def _settings(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The settings of each parameter group (lr, betas, eps, ...); torch maps the saved parameter names itself."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in param_groups]
+
+
 def load_model_and_optimizer(
     accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path
 ) -> None:
@@ -301,6 +372,7 @@ def load_model_and_optimizer(
     tensors = read_tensors(folder / OPTIMIZER_TENSORS)
     values = read_json(folder / OPTIMIZER_VALUES)
     try:
+        check_like(_settings(values["param_groups"]), _settings(optim.param_groups), "param_groups")
         state: dict[str, dict[str, Any]] = {p: dict(v) for p, v in values["state"].items()}
         for name, tensor in tensors.items():
             param, key = name.rsplit("/", 1)
@@ -318,8 +390,10 @@ def load_model_and_optimizer(
         raise CheckpointError(f"{folder / MODEL_FILE} does not fit the model: {err}") from err
     try:
         set_optimizer_state_dict(module, optim, {"state": state, "param_groups": groups}, options=options)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{folder / OPTIMIZER_TENSORS} does not fit the optimizer: {err}") from err
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:  # e.g. a parameter name it does not have
+        raise CheckpointError(
+            f"{folder / OPTIMIZER_VALUES} with {OPTIMIZER_TENSORS} does not fit the optimizer: {one_line(err)}"
+        ) from err
 
 
 def rng_file(folder: Path, rank: int) -> Path:
@@ -363,22 +437,26 @@ def check_output(args: TrainArguments) -> Path:
         raise SetupError(str(err)) from err
 
 
-def claim_output(output: Path, overwrite: bool, fresh: bool) -> None:
-    """Create and mark the run directory and prove it is writable (main process, after every check). A fresh run
-    over an earlier one (allowed by `Checkpointer.find`: --overwrite, or --resume latest of a run that never
-    checkpointed) first removes what that run wrote there (only the files training writes)."""
+def claim_output(output: Path, overwrite: bool) -> None:
+    """Create and mark the run directory and prove it is writable (main process, after every check)."""
     try:
         claim_output_dir(output, "training-run", flag="--output", overwrite=overwrite)
         with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
             pass
     except OSError as err:
         raise SetupError(f"output directory {str(output)!r} is not writable: {err}") from err
-    if fresh:
-        (output / METRICS_FILE).unlink(missing_ok=True)
-        for events in (output / TENSORBOARD_DIR).glob("**/events.out.tfevents.*"):
-            events.unlink()
-        for stale in [*Checkpointer(output).existing(), output / HUB_UPLOADS]:
-            shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_earlier_run(output: Path) -> None:
+    """Remove the records an earlier run wrote in `output` (metrics, TensorBoard events, checkpoints, Hub uploads;
+    its exported model is replaced by this run's export): what a fresh run over it (allowed by `Checkpointer.find`:
+    --overwrite, or --resume latest of a run that never checkpointed) does once its data, tokenizer and model are
+    set up and it starts writing its own records, so a start that fails before then loses nothing (main process)."""
+    (output / METRICS_FILE).unlink(missing_ok=True)
+    for events in (output / TENSORBOARD_DIR).glob("**/events.out.tfevents.*"):
+        events.unlink()
+    for stale in [*Checkpointer(output).existing(), output / HUB_UPLOADS]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def earlier_run_files(output: Path) -> list[str]:
@@ -559,6 +637,9 @@ class Checkpointer:
         never unpickles."""
         load_model_and_optimizer(accelerator, model, optimizer, checkpoint)
         state = read_train_state(checkpoint)
+        like = scheduler.state_dict()  # torch skips a None lr_lambdas entry (a plain function's, e.g. the constant
+        like["lr_lambdas"] = [None] * len(like["lr_lambdas"])  # schedule's): a resume may change --lr-scheduler
+        check_restorable(checkpoint / TRAIN_STATE, "training state", state["scheduler"], like, "scheduler")
         try:
             scheduler.load_state_dict(state["scheduler"])
             progress.load_state_dict(state)
@@ -573,4 +654,6 @@ class Checkpointer:
         load_process_state(checkpoint, accelerator.process_index % saved_processes)
         if stream is not None:
             path = checkpoint / f"stream_state_{accelerator.process_index}.json"
-            stream.load_state_dict(read_json(path))
+            saved = read_json(path)
+            check_restorable(path, "stream state", saved, stream.state_dict())
+            stream.load_state_dict(saved)

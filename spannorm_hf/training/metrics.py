@@ -3,7 +3,7 @@ TensorBoard, both as accelerate trackers.
 
 metrics.jsonl is torn-write tolerant: a record is one line written in one call, a full disk is named
 (`DiskFullError`), and on resume `truncate_metrics` drops a torn last line with a warning, together with the
-records a killed run logged past the checkpoint it is resumed from.
+records a killed run logged past the checkpoint it is resumed from; it never deletes any other line.
 """
 
 import json
@@ -22,7 +22,8 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsError(InputError):
-    """metrics.jsonl is damaged before its last line (a torn last line is repaired, anything else is not)."""
+    """metrics.jsonl holds a line that is not a record of it, before its last line (a torn last line is repaired,
+    anything else is not)."""
 
 
 def trackers(output: str) -> list:
@@ -66,9 +67,14 @@ class JSONLTracker(GeneralTracker):
 
 
 def truncate_metrics(output: Path, step: int) -> None:
-    """Drop metric records past `step` (a killed run may have logged beyond its last checkpoint). A torn last
-    line (the disk filled up or the machine died mid-append) is dropped with a warning; a broken line before it
-    is an error naming the line."""
+    """Drop the records past `step` (a killed run may have logged beyond the checkpoint it is resumed from) and keep
+    every other line as it is. A torn last line (the disk filled up or the machine died mid-append) is dropped with
+    a warning. Any other line that is not one of this tracker's records (not a JSON object, or a `"step"` that is
+    not a whole number >= 0, such as `"abc"`, `3.5` or `NaN`) is an error naming the line, and the file is left as
+    it is: such a line cannot be placed before or after `step`, so deleting it might lose a record of the resumed
+    run and keeping it might keep one of the dead run past `step` (and the model card, which reads this file when
+    the run ends, could not order it either). Refusing to guess, before the first step, lets the user who edited
+    the file repair it."""
     path = output / METRICS_FILE
     if not path.exists():
         return
@@ -82,7 +88,15 @@ def truncate_metrics(output: Path, step: int) -> None:
                 raise MetricsError(f"{path} line {number} is not JSON ({err}); repair or delete that line") from err
             warnings.warn(f"{path}: dropping the torn last line {number} ({line[:60]!r})", stacklevel=2)
             continue
-        if (record.get("step") or 0) <= step:
+        if not isinstance(record, dict):
+            raise MetricsError(f"{path} line {number} is not a JSON object ({line[:60]!r}); repair or delete that line")
+        at = record.get("step")  # None: a record of no step (the run's config)
+        if at is not None and (type(at) is not int or at < 0):
+            raise MetricsError(
+                f'{path} line {number} has "step": {json.dumps(at)}, not a whole number >= 0, so it cannot be '
+                f"placed before or after the checkpoint's step {step}; repair or delete that line"
+            )
+        if (at or 0) <= step:
             kept.append(line)
     with naming_disk_full(path):
         atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -17,7 +17,8 @@ Design choices that make runs exact and safe:
 - Every bad input is checked before the first step (and every argument before anything is written). A run holds
   an exclusive lock on its output folder for its whole life, so a second run into the same folder is refused
   before it changes anything, and a run that fails while setting up removes what it added there, so its rerun
-  is not refused as a write over an earlier run.
+  is not refused as a write over an earlier run. With --overwrite, the earlier run's records are removed only
+  once setup has worked, when the new run starts writing its own.
 - A non-finite loss or gradient norm stops the run before that state is logged or saved (`DivergedError`), and
   what accelerate set up differently from what was launched is said (FSDP on CPU) or refused (unconnected
   processes); resuming on another number of processes keeps the tokens per step where it can, and says so.
@@ -25,6 +26,7 @@ Design choices that make runs exact and safe:
 
 import math
 import os
+import shutil
 import signal
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -40,11 +42,18 @@ from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
 from ..cli import InputError, command
-from ..files import DiskFullError, is_disk_full, locked_output_dir, naming_disk_full, remove_additions_on_failure
+from ..files import (
+    DiskFullError,
+    is_disk_full,
+    locked_output_dir,
+    naming_disk_full,
+    raise_if_busy,
+    remove_additions_on_failure,
+)
 from ..integrations.hub import CheckpointPusher, check_repo_id, load_tokenizer
 from ..parameters import parameter_counts
 from .arguments import SetupError, TrainArguments, load_config, parse_args
-from .checkpointing import Checkpointer, check_output, claim_output
+from .checkpointing import Checkpointer, check_output, claim_output, remove_earlier_run
 from .data import (
     ShuffledRows,
     StreamRows,
@@ -229,6 +238,11 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, val, batch_size: 
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
 
+# A tokenizer trained by the main process, on its way to the others. Never the run folder itself: an earlier run's
+# export there stays whole until this run exports its model and tokenizer together.
+TOKENIZER_STAGING = ".tmp-tokenizer"
+
+
 def prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, checkpoint: Path | None, config):
     """Documents -> tokenizer -> validation split -> packed rows (main process first, others read the cache)."""
     with accelerator.main_process_first():
@@ -241,14 +255,18 @@ def prepare_data(args: TrainArguments, accelerator: Accelerator, output: Path, c
         tokenizer = load_tokenizer(checkpoint / "tokenizer")
     elif args.tokenizer is not None:
         tokenizer = load_or_train_tokenizer(args.tokenizer, train_docs, config.vocab_size)
-    else:  # train once, on the main process; the others load the saved result
+    else:  # train once, on the main process; the others load it from a staging folder, removed once they have
+        staging = output / TOKENIZER_STAGING
         if accelerator.is_main_process:
             tokenizer = load_or_train_tokenizer(None, train_docs, config.vocab_size)
-            with naming_disk_full(output / "tokenizer.json"):
-                tokenizer.save_pretrained(output)  # the export writes the same files there at the end
+            with naming_disk_full(staging):
+                tokenizer.save_pretrained(staging)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
-            tokenizer = load_tokenizer(output)
+            tokenizer = load_tokenizer(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(staging)
     with accelerator.main_process_first():
         train_rows = pack_documents(train_docs, tokenizer, args.seq_len)
         val_rows = pack_documents(val_docs, tokenizer, args.seq_len) if val_docs is not None else None
@@ -281,7 +299,11 @@ class Trainer:
         self.world = accelerator.num_processes
         self.launch_note = check_launch(accelerator)  # unconnected processes are refused before any takes the lock
         self.pusher = self._hub_pusher()
-        output = check_output(args)  # a folder that is not ours is refused before the lock is created in it
+        try:
+            output = check_output(args)  # a folder that is not ours is refused before the lock is created in it
+        except SetupError:  # unless a run starting there holds it: it locks the folder before marking it as its own
+            raise_if_busy(args.output, flag="--output")
+            raise
         accelerator.wait_for_everyone()  # every process has checked it before the main process writes the lock
         with ExitStack() as lock:
             if accelerator.is_main_process:  # the process that writes the run's files holds the lock
@@ -308,7 +330,7 @@ class Trainer:
             accelerator.print(note)
         accelerator.wait_for_everyone()  # every process has checked the output directory before it is claimed
         if accelerator.is_main_process:
-            claim_output(self.output, args.overwrite, fresh=self.resume_from is None)
+            claim_output(self.output, args.overwrite)
             self.checkpointer.remove_leftovers()
         accelerator.wait_for_everyone()
         self.tokenizer, train_rows, self.val_rows = prepare_data(
@@ -357,8 +379,11 @@ class Trainer:
     def _start_logging(self, train_rows: int | None) -> None:
         """Trackers, the run's setup record, and the train_state.json every checkpoint carries."""
         args, accelerator, step = self.args, self.accelerator, self.progress.step
-        if accelerator.is_main_process:  # records past our starting step belong to a run that died after them
-            truncate_metrics(self.output, step)
+        if accelerator.is_main_process:
+            if self.resume_from is None:  # an earlier run's records go only now, once this run's setup has worked
+                remove_earlier_run(self.output)
+            else:  # records past our starting step belong to a run that died after them
+                truncate_metrics(self.output, step)
         self.train_state = {
             "num_processes": self.world,
             "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
