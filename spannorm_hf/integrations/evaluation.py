@@ -30,7 +30,7 @@ from ..cli import (
     read_text,
     text_fields,
 )
-from ..files import atomic_write_text, check_output_file, check_writable
+from ..files import atomic_write_text, check_output_file, check_writable, output_lock
 from .adapters import adapter_base, is_adapter_folder, load_adapter
 from .generation import check_device, load_model
 from .hub import check_tokenizer_code, read_checkpoint_config
@@ -257,9 +257,26 @@ def parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """`spannorm-evaluate` / `scripts/evaluate_model.py`: 0 on success, 2 (one `error:` line) for bad input."""
     (args,) = parser().parse_args_into_dataclasses(argv)
-    if args.output:
-        check_output_file(args.output, flag="--output", overwrite=args.overwrite)  # before any work
-        check_writable(args.output, flag="--output")
+    if not args.output:
+        _evaluate(args)
+        return 0
+    check_writable(args.output, flag="--output")  # before any work
+    with output_lock(args.output, flag="--output"):  # to the end: a second evaluation into the same file is refused
+        check_output_file(args.output, flag="--output", overwrite=args.overwrite)
+        report = _evaluate(args)
+        try:
+            atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+        except OSError as error:  # e.g. the disk filled up while evaluating: the results are not lost with it
+            print(json.dumps(report, indent=2))
+            raise InputError(
+                f"could not write --output {str(args.output)!r} ({one_line(error)}); the results are printed above"
+            ) from error
+    print(f"Results: {args.output}")
+    return 0
+
+
+def _evaluate(args: EvaluateArguments) -> dict[str, Any]:
+    """The scores `main` prints and writes: perplexity on --text, lm-eval --tasks."""
     report: dict[str, Any] = {"model": str(args.model)}
     if args.text:
         text = read_eval_text(args.text)
@@ -288,13 +305,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["lm_eval"] = summarize_lm_eval(results)
         for task, info in report["lm_eval"].items():
             print(task, " ".join(f"{m}={v:.4f}" for m, v in info["metrics"].items()))
-    if args.output:
-        try:
-            atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
-        except OSError as error:  # e.g. the disk filled up while evaluating: the results are not lost with it
-            print(json.dumps(report, indent=2))
-            raise InputError(
-                f"could not write --output {str(args.output)!r} ({one_line(error)}); the results are printed above"
-            ) from error
-        print(f"Results: {args.output}")
-    return 0
+    return report

@@ -6,7 +6,8 @@ fused 3D expert weights of MoE layers are not `nn.Linear`, so they are adapted t
 `prompt`/`response` (loss on the response only, prompt rendered with the tokenizer's chat template when it has
 one). The adapter folder records a fingerprint of its base's weights, so it is never silently applied to
 another base. The data is read and checked (`read_training_data`: bounded, UTF-8, every record's fields strings)
-and the output folders probed before the model loads, so bad input costs seconds, not a training run.
+and the output folders probed and locked (`files.output_lock`, held to the end) before the model loads, so bad
+input costs seconds, not a training run.
 """
 
 import json
@@ -43,7 +44,7 @@ from ..cli import (
     read_text,
     text_fields,
 )
-from ..files import atomic_output_dir, check_output_dir, check_writable, naming_disk_full
+from ..files import atomic_output_dir, hold_outputs, naming_disk_full
 from .adapters import ADAPTER_BASE_FILE, base_fingerprint, is_adapter_folder, load_adapter
 from .hub import TRAINING_DETAILS_FILE, load_checkpoint
 from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (PROMPT_TEMPLATE: re-exported for callers)
@@ -215,19 +216,19 @@ def merge_adapter(
     overwrite: bool = False,
 ) -> Path:
     """Fold the adapter into the base (`merge_and_unload`) and save a standalone SpanNorm checkpoint.
-    `output_dir` must be new, empty or an earlier merge output (see `spannorm_hf.files`), unless `overwrite`."""
-    check_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite)
-    check_writable(output_dir, flag="--merge")
-    details_path = Path(adapter_dir) / TRAINING_DETAILS_FILE
-    details = read_json_object(details_path, what="adapter file") if details_path.is_file() else {}
-    model, tokenizer = load_adapter(adapter_dir, base)
-    merged = model.merge_and_unload()
-    details["merged"] = "LoRA adapter merged into the base weights (merge_and_unload)"
-    with atomic_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite) as staging:
-        with naming_disk_full(staging):
-            merged.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
+    `output_dir` must be new, empty or an earlier merge output (see `spannorm_hf.files`), unless `overwrite`; it is
+    locked from before the adapter loads until the merged model is in it."""
+    with hold_outputs([(output_dir, "merged-model", "--merge")], overwrite=overwrite):
+        details_path = Path(adapter_dir) / TRAINING_DETAILS_FILE
+        details = read_json_object(details_path, what="adapter file") if details_path.is_file() else {}
+        model, tokenizer = load_adapter(adapter_dir, base)
+        merged = model.merge_and_unload()
+        details["merged"] = "LoRA adapter merged into the base weights (merge_and_unload)"
+        with atomic_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite) as staging:
+            with naming_disk_full(staging):
+                merged.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
+                (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
     return Path(output_dir).expanduser().resolve()
 
 
@@ -339,62 +340,61 @@ def finetune_lora(
     """Train a LoRA adapter on `data`, save it (with tokenizer and fingerprint) to `output_dir`, and with
     `merge_dir` also a merged standalone checkpoint. Both folders must be new, empty or earlier outputs of the
     same kind (see `spannorm_hf.files`), unless `overwrite`, and writable; that, and the data, are checked before
-    any work."""
-    check_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite)
-    check_writable(output_dir, flag="--output")
+    any work, and both folders are locked until the end."""
+    outputs = [(output_dir, "lora-adapter", "--output")]
     if merge_dir:
-        check_output_dir(merge_dir, "merged-model", flag="--merge", overwrite=overwrite)
-        check_writable(merge_dir, flag="--merge")
-    columns = read_training_data(data)
-    model, tokenizer = load_checkpoint(base, dtype=dtype)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dataset = load_training_data(data, tokenizer, max_length, columns)
-    fingerprint = base_fingerprint(model)
-    set_seed(seed)  # the LoRA init
-    settings = lora_config(
-        model.config,
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        target_modules=target_modules,
-        target_parameters=target_parameters,
-    )
-    model = get_peft_model(model, settings)
-    model.peft_config["default"].base_model_name_or_path = _base_reference(base)
-    if gradient_checkpointing:
-        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
-    output = _train(
-        model,
-        tokenizer,
-        dataset,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps=max_steps,
-        logging_steps=logging_steps,
-        seed=seed,
-        gradient_checkpointing=gradient_checkpointing,
-    )
-    model.eval()
-    modules = settings.target_modules
-    details = {
-        "base_model": str(base) if not Path(base).expanduser().exists() else f"local checkpoint {Path(base).name}",
-        "method": f"LoRA (PEFT {peft.__version__}): r={rank}, alpha={alpha}, dropout={dropout}",
-        "target_modules": modules if isinstance(modules, str) else sorted(modules),
-        "target_parameters": list(settings.target_parameters or []),
-        "data": Path(data).name,
-        "examples": len(dataset),
-        "optimizer_steps": output.global_step,
-        "learning_rate": learning_rate,
-        "batch_size": f"{batch_size} x {grad_accum} accumulation",
-        "max_length": max_length,
-        "gradient_checkpointing": gradient_checkpointing,
-        "final_train_loss": round(output.training_loss, 4),
-    }
-    adapter_dir = _save_adapter(model, tokenizer, output_dir, base, fingerprint, details, overwrite=overwrite)
-    merged_dir = merge_adapter(adapter_dir, merge_dir, overwrite=overwrite) if merge_dir else None
+        outputs.append((merge_dir, "merged-model", "--merge"))
+    with hold_outputs(outputs, overwrite=overwrite):
+        columns = read_training_data(data)
+        model, tokenizer = load_checkpoint(base, dtype=dtype)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        dataset = load_training_data(data, tokenizer, max_length, columns)
+        fingerprint = base_fingerprint(model)
+        set_seed(seed)  # the LoRA init
+        settings = lora_config(
+            model.config,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            target_parameters=target_parameters,
+        )
+        model = get_peft_model(model, settings)
+        model.peft_config["default"].base_model_name_or_path = _base_reference(base)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+        output = _train(
+            model,
+            tokenizer,
+            dataset,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            learning_rate=learning_rate,
+            epochs=epochs,
+            max_steps=max_steps,
+            logging_steps=logging_steps,
+            seed=seed,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        model.eval()
+        modules = settings.target_modules
+        details = {
+            "base_model": str(base) if not Path(base).expanduser().exists() else f"local checkpoint {Path(base).name}",
+            "method": f"LoRA (PEFT {peft.__version__}): r={rank}, alpha={alpha}, dropout={dropout}",
+            "target_modules": modules if isinstance(modules, str) else sorted(modules),
+            "target_parameters": list(settings.target_parameters or []),
+            "data": Path(data).name,
+            "examples": len(dataset),
+            "optimizer_steps": output.global_step,
+            "learning_rate": learning_rate,
+            "batch_size": f"{batch_size} x {grad_accum} accumulation",
+            "max_length": max_length,
+            "gradient_checkpointing": gradient_checkpointing,
+            "final_train_loss": round(output.training_loss, 4),
+        }
+        adapter_dir = _save_adapter(model, tokenizer, output_dir, base, fingerprint, details, overwrite=overwrite)
+        merged_dir = merge_adapter(adapter_dir, merge_dir, overwrite=overwrite) if merge_dir else None
     return FinetuneResult(adapter_dir, merged_dir, model, output.training_loss, output.global_step, len(dataset))
 
 
