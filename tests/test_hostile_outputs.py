@@ -1,5 +1,5 @@
 """Issue 20 ("Trust, round two"), the last gaps outside training: two commands writing one output folder at once,
-and the files of an output folder read without a bound."""
+and the files of an adapter or output folder read without a bound."""
 
 import json
 import os
@@ -13,6 +13,7 @@ from spannorm_hf import SpanNormForCausalLM
 from spannorm_hf.cli import SETTINGS_LIMIT
 from spannorm_hf.files import LOCK_FILE, LOCK_HOLDER_FILE, OUTPUT_MARKER, atomic_output_dir, claim_output_dir
 from spannorm_hf.integrations import adapters, evaluation, finetune, generation, hub
+from spannorm_hf.integrations.adapters import ADAPTER_BASE_FILE, ADAPTER_CONFIG_FILE
 from spannorm_hf.integrations.finetune import finetune_lora
 
 from helpers import assert_one_error_line, snapshot
@@ -212,6 +213,29 @@ def padded_json(value: dict) -> str:
     """`value` as JSON, padded with spaces to one byte over the bound of a settings file: valid, and too big."""
     text = json.dumps(value)
     return text + " " * (SETTINGS_LIMIT + 1 - len(text))
+
+
+@pytest.mark.parametrize("file", [ADAPTER_CONFIG_FILE, ADAPTER_BASE_FILE])
+@pytest.mark.parametrize("command", ["generate", "evaluate", "merge"])
+def test_an_adapters_settings_files_are_read_bounded_before_any_model_loads(
+    command, file, adapter, tmp_path, capsys, no_model
+):
+    """adapter_config.json and spannorm_base.json are JSON settings files like any other: read in blocks, up to
+    SETTINGS_LIMIT (before, whole: a file of any size, or /dev/zero through a link, was read into memory)."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for entry in adapter.iterdir():
+        (folder / entry.name).write_bytes(entry.read_bytes())
+    (folder / file).write_text(padded_json(json.loads((adapter / file).read_text())))
+    (tmp_path / "text.txt").write_text("def main():\n    return 0\n")
+    main, args = {
+        "generate": (generation.main, ["--prompt", "def", "--device", "cpu"]),
+        "evaluate": (evaluation.main, ["--text", str(tmp_path / "text.txt"), "--device", "cpu"]),
+        "merge": (finetune.main, ["--merge", str(tmp_path / "merged")]),
+    }[command]
+    assert main(["--model", str(folder), *args]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"{str(folder / file)!r} is larger than 16 MiB")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_an_output_marker_past_its_bound_is_not_taken_as_ours(checkpoint, tmp_path, capsys, no_model):
