@@ -1,5 +1,5 @@
 """Issue 20 ("Trust, round two"), the last gaps outside training: two commands writing one output folder at once,
-and the files of an adapter or output folder read without a bound."""
+files of an adapter or output folder read without a bound, and numeric options bounded only from below."""
 
 import json
 import os
@@ -14,9 +14,9 @@ from spannorm_hf.cli import SETTINGS_LIMIT
 from spannorm_hf.files import LOCK_FILE, LOCK_HOLDER_FILE, OUTPUT_MARKER, atomic_output_dir, claim_output_dir
 from spannorm_hf.integrations import adapters, evaluation, finetune, generation, hub
 from spannorm_hf.integrations.adapters import ADAPTER_BASE_FILE, ADAPTER_CONFIG_FILE
-from spannorm_hf.integrations.finetune import finetune_lora
+from spannorm_hf.integrations.finetune import finetune_lora, lora_config
 
-from helpers import assert_one_error_line, snapshot
+from helpers import assert_one_error_line, snapshot, tiny_config
 
 TINY_RUN = ["--max-steps", "1", "--rank", "2", "--max-length", "64", "--batch-size", "2"]
 
@@ -164,6 +164,15 @@ def test_a_second_evaluation_into_a_results_file_being_written_is_refused(checkp
     assert not leftovers(tmp_path)
 
 
+def test_fine_tuning_refuses_one_folder_for_both_outputs(checkpoint, data, tmp_path, capsys, no_model):
+    """The adapter and the merged model cannot share a folder (before: refused only after training, when the merge
+    found the adapter there)."""
+    args = ["--model", str(checkpoint), "--data", str(data), "--output", str(tmp_path / "a")]
+    assert finetune.main([*args, "--merge", str(tmp_path / "x" / ".." / "a")]) == 2
+    assert_one_error_line(capsys.readouterr().err, "--output and --merge are the same folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_killed_commands_lock_file_neither_blocks_nor_stays(checkpoint, tmp_path, capsys, no_token):
     """A command killed while it held its output's lock leaves the lock file beside the folder (its OS lock died
     with it): the next command goes ahead, and takes that file away when it is done."""
@@ -247,3 +256,46 @@ def test_an_output_marker_past_its_bound_is_not_taken_as_ours(checkpoint, tmp_pa
     args = ["--model", str(checkpoint), "--repo-id", "alice/x", "--dry-run", "--output-dir", str(target)]
     assert hub.publish_main(args) == 2
     assert_one_error_line(capsys.readouterr().err, f"{str(target)!r} is not empty", "not created by this command")
+
+
+# -------------------------------------------------------------------------------------------- numeric options
+
+
+@pytest.mark.parametrize(
+    "main, args, fragment",
+    [
+        (finetune.main, ["--rank", "33"], "--rank 33 is larger than the model's width (hidden_size 32)"),
+        (finetune.main, ["--rank", "1000000000"], "--rank 1000000000 is larger than the model's width"),
+        (finetune.main, ["--max-length", "129"], "--max-length 129 is longer than the model's context of 128 tokens"),
+        (evaluation.main, ["--batch-size", "1000000"], "--batch-size '1000000' must be a whole number from 1 to 1024"),
+        (evaluation.main, ["--batch-size", "auto:0"], "--batch-size 'auto:0'"),
+        (evaluation.main, ["--batch-size", "auto:x"], "--batch-size 'auto:x'"),
+        (evaluation.main, ["--batch-size", "automatic"], "--batch-size 'automatic'"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "" if isinstance(value, str) else None,
+)
+def test_numeric_options_are_bounded_from_above_before_any_model_loads(
+    main, args, fragment, checkpoint, data, tmp_path, capsys, no_model
+):
+    what = {finetune.main: ["--data", str(data), "--output", str(tmp_path / "a")], evaluation.main: ["--tasks", "x"]}
+    assert main(["--model", str(checkpoint), *what[main], *args]) == 2
+    assert_one_error_line(capsys.readouterr().err, fragment)
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_lora_rank_may_reach_the_models_width():
+    """Every adapted matrix has the width as one side, so its update has rank <= width: up to there a rank counts."""
+    assert lora_config(tiny_config(), rank=32).r == 32
+    with pytest.raises(ValueError, match="--rank 33 is larger than the model's width"):
+        lora_config(tiny_config(), rank=33)
+
+
+def test_the_default_max_length_is_cut_to_a_shorter_context_with_a_note(checkpoint, data, tmp_path, capsys):
+    """--max-length defaults to 512; the tiny model's context is 128 tokens, so without --max-length blocks are 128
+    tokens long and a line says so (before, 512-token blocks trained positions the model does not have)."""
+    args = ["--model", str(checkpoint), "--data", str(data), "--output", str(tmp_path / "a"), "--max-steps", "1"]
+    assert finetune.main([*args, "--rank", "2"]) == 0
+    assert "--max-length: the default 512 is longer than the model's context of 128 tokens; using 128" in (
+        capsys.readouterr().out
+    )
+    assert json.loads((tmp_path / "a" / "training_details.json").read_text())["max_length"] == 128

@@ -41,6 +41,10 @@ LOCAL_DATASET_BUILDERS = ("json", "csv", "text", "parquet", "arrow")
 TEXT_LIMIT = 64 << 20  # --text is read whole and tokenized in one piece
 TEXT_BIGGER = "evaluate a part of it, e.g. its first lines (head -n 500000 FILE > part.txt): 64 MiB is ~16M tokens"
 MAX_FEWSHOT = 100  # more examples than any task's prompt could hold in a context
+# lm-eval scores a batch in one forward pass (batch x longest request x vocabulary logits); its 'auto' search stops at
+# 64. 'auto:N' measures the largest batch N times over the run (lm-eval divides the requests into N parts).
+MAX_BATCH_SIZE = 1024
+MAX_BATCH_SEARCHES = 100
 
 
 @dataclass
@@ -200,6 +204,20 @@ def run_lm_eval(
         ) from error
 
 
+def check_batch_size(size: str) -> None:
+    """`InputError` unless `size` is an lm-eval batch size within bounds: a whole number up to MAX_BATCH_SIZE,
+    'auto', or 'auto:N' with N up to MAX_BATCH_SEARCHES (lm-eval would take any number, and fail on 'auto:0')."""
+    auto, colon, searches = size.partition(":")
+    if size.isdecimal() and 1 <= int(size) <= MAX_BATCH_SIZE:
+        return
+    if auto == "auto" and (not colon or (searches.isdecimal() and 1 <= int(searches) <= MAX_BATCH_SEARCHES)):
+        return
+    raise InputError(
+        f"--batch-size {size!r} must be a whole number from 1 to {MAX_BATCH_SIZE}, 'auto' (the largest batch that "
+        f"fits), or 'auto:N' with N from 1 to {MAX_BATCH_SEARCHES}"
+    )
+
+
 @dataclass
 class EvaluateArguments:
     """The options of `spannorm-evaluate`."""
@@ -225,7 +243,13 @@ class EvaluateArguments:
         default=None,
         metadata={"help": "examples per task (a whole number), or a fraction in (0, 1) (lm-eval --limit; smoke tests)"},
     )
-    batch_size: str = field(default="1", metadata={"help": "lm-eval batch size: a whole number, 'auto' or 'auto:N'"})
+    batch_size: str = field(
+        default="1",
+        metadata={
+            "help": f"lm-eval batch size: a whole number from 1 to {MAX_BATCH_SIZE}, 'auto' (the largest that fits), "
+            f"or 'auto:N' (measured again N times over the run, N from 1 to {MAX_BATCH_SEARCHES})"
+        },
+    )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"})
     output: str | None = field(
         default=None, metadata={"help": "write the results as JSON here (publish.py --eval-results reads it)"}
@@ -235,9 +259,7 @@ class EvaluateArguments:
     def __post_init__(self):
         if not self.text and not self.tasks:
             raise InputError("nothing to do: give --text (perplexity) and/or --tasks (lm-eval)")
-        size = self.batch_size
-        if not size.startswith("auto") and (not size.isdigit() or int(size) < 1):
-            raise InputError(f"--batch-size {size!r} must be a positive whole number, 'auto' or 'auto:N'")
+        check_batch_size(self.batch_size)
         check_range("--num-fewshot", self.num_fewshot, 0, MAX_FEWSHOT)
         if self.limit is not None and not (0 < self.limit < 1 or (self.limit >= 1 and self.limit == int(self.limit))):
             raise InputError(
