@@ -9,11 +9,15 @@ command writing to disk follows.
   is refused before any work starts, with an error naming the folder and the option that overrides it
   (`--overwrite`); even then only the files the command itself writes are replaced, and nothing else in the
   folder is touched.
-- **One writer at a time.** A command that writes into an output folder for a long time (a training run) holds an
-  exclusive lock on it for its whole life (`locked_output_dir`: filelock's OS-level lock, which dies with its
-  process, so a killed run never blocks the next one). A second command into the same folder is refused, naming
-  the holder, before it changes anything there. A command that fails while setting up removes what it added
-  (`remove_additions_on_failure`), so a failed start never leaves a folder that refuses the rerun.
+- **One writer at a time.** A command holds an exclusive lock on its output folder for its whole life, filelock's
+  OS-level lock, which dies with its process, so a killed command never blocks the next one. A second command into
+  the same folder is refused, naming the holder, before it changes anything there. A training run, which writes
+  into its folder as it goes, locks `.spannorm-lock` inside it (`locked_output_dir`); a folder that is built in a
+  staging sibling and moved in (`atomic_output_dir`: an adapter, a merged model, a Hub folder) is locked beside it,
+  `.NAME.spannorm-lock` (`output_lock`), as the folder may not exist yet and is replaced whole by a rename, and that
+  lock is removed when released, so nothing of it is left in the folder or beside it. A command that fails while
+  setting up removes what it added (`remove_additions_on_failure`), so a failed start never leaves a folder that
+  refuses the rerun.
 - **Writable before work.** A place the command cannot write to (a read-only folder) is refused before any work
   too (`check_writable`), not after hours of it.
 
@@ -29,8 +33,8 @@ import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -146,13 +150,21 @@ def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
 # ----------------------------------------------------------------------------------------------- output folders
 
 
-def read_output_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The ownership marker of `folder`, or None when it has none (or an unreadable one: then it is not ours)."""
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object of one of this module's records (a marker, a lock's holder), read as every settings file is
+    (`cli.read_json_object`: in blocks, bounded); None when it is missing or unreadable."""
+    from .cli import read_json_object  # cli builds on this module
+
     try:
-        marker = json.loads((Path(folder) / OUTPUT_MARKER).read_text())
+        return read_json_object(path, what="record")
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) and marker.get("kind") in OUTPUT_KINDS else None
+
+
+def read_output_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ownership marker of `folder`, or None when it has none (or an unreadable one: then it is not ours)."""
+    marker = _read_record(Path(folder) / OUTPUT_MARKER)
+    return marker if marker is not None and marker.get("kind") in OUTPUT_KINDS else None
 
 
 def check_output_dir(path: str | os.PathLike, kind: str, *, flag: str, overwrite: bool = False) -> Path:
@@ -242,50 +254,92 @@ def atomic_output_dir(
     is replaced by the staging folder in one rename. Otherwise the staged files are moved in one by one
     (config.json last, so a loader never sees a config before its weights), files that an earlier output of
     the same kind wrote and this one did not are removed, and every other file in the folder is left alone.
-    On failure nothing in `target` changes."""
+    On failure nothing in `target` changes. The folder's lock (`output_lock`) is held throughout; a command that
+    holds it already (from its start) holds it on."""
     target = check_output_dir(target, kind, flag=flag, overwrite=overwrite).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        yield staging
-        check_output_dir(target, kind, flag=flag, overwrite=overwrite)  # nobody else wrote there meanwhile
-        files = [name for name in _relative_files(staging) if name != OUTPUT_MARKER]
-        if not target.exists() or not any(target.iterdir()):
-            write_output_marker(staging, kind, files)
-            if target.exists():
-                target.rmdir()
-            staging.rename(target)
-            return
-        previous = read_output_marker(target)
-        for name in sorted(files, key=lambda name: name == "config.json"):
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / name, target / name)
-        if previous is not None and previous["kind"] == kind:
-            for stale in set(previous.get("files", [])) - set(files):
-                if ".." not in Path(stale).parts:
-                    (target / stale).unlink(missing_ok=True)
-        write_output_marker(target, kind, files)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with output_lock(target, flag=flag):
+        staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+        try:
+            yield staging
+            _move_in(staging, target, kind, flag=flag, overwrite=overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_in(staging: Path, target: Path, kind: str, *, flag: str, overwrite: bool) -> None:
+    """The end of `atomic_output_dir`: the staged files into `target`, and the marker listing them."""
+    check_output_dir(target, kind, flag=flag, overwrite=overwrite)  # nothing else wrote there meanwhile
+    files = [name for name in _relative_files(staging) if name != OUTPUT_MARKER]
+    if not target.exists() or not any(target.iterdir()):
+        write_output_marker(staging, kind, files)
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+        return
+    previous = read_output_marker(target)
+    for name in sorted(files, key=lambda name: name == "config.json"):
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target / name)
+    if previous is not None and previous["kind"] == kind:
+        for stale in _listed_files(target, previous) - set(files):
+            (target / stale).unlink(missing_ok=True)
+    write_output_marker(target, kind, files)
+
+
+def _listed_files(folder: Path, marker: dict[str, Any]) -> set[str]:
+    """The files `marker` says an earlier output wrote in `folder`, those that are inside it: a marker comes with
+    the folder, and one listing an absolute path, `..` or a path through a link to elsewhere must not make a
+    command remove a file outside it."""
+    listed = marker.get("files")
+    names = [name for name in listed if isinstance(name, str)] if isinstance(listed, list) else []
+    return {name for name in names if folder in (folder / name).resolve().parents}
 
 
 # ---------------------------------------------------------------------------------------------------------- locks
 
 
-def _lock_holder(folder: Path) -> str:
-    """Who holds `folder`'s lock, as the holder recorded it."""
-    try:
-        holder = json.loads((folder / LOCK_HOLDER_FILE).read_text())
-        return f"pid {holder['pid']} on {holder['host']} (started {holder['started']})"
-    except (OSError, ValueError, KeyError, TypeError):
+def _lock_holder(record: Path) -> str:
+    """Who holds a lock, as its holder recorded it in `record`."""
+    holder = _read_record(record) or {}
+    if not all(key in holder for key in ("pid", "host", "started")):
         return "another process (one that has not recorded itself yet)"
+    return f"pid {holder['pid']} on {holder['host']} (started {holder['started']})"
 
 
-def _busy_error(folder: Path, flag: str) -> OutputBusyError:
-    holder = _lock_holder(folder)
+@contextmanager
+def _holding(lock: FileLock, record: Path, *, flag: str, path: Path, discard: bool = False) -> Iterator[None]:
+    """Hold `lock` for the block, or raise `OutputBusyError` naming the holder of the output `path` (one attempt: a
+    busy folder is an error, not a wait). The outermost hold writes who holds it (pid, host, start time, command)
+    to `record`, and removes that again while still holding the lock, so a stale record names nobody; with
+    `discard`, the lock file too (filelock never takes a lock file that was removed, its link count is 0)."""
+    try:
+        lock.acquire()
+    except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
+        raise _busy_error(path, record, flag) from None
+    except OSError as error:
+        raise OutputDirError(f"{flag} {str(path)!r} is not writable: {error}") from error
+    outermost = lock.lock_counter == 1
+    try:
+        if outermost:
+            started = datetime.now().astimezone().isoformat(timespec="seconds")
+            command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command}
+            with naming_disk_full(record):  # in place: a temporary file would look like content
+                record.write_text(json.dumps(holder))
+        yield
+    finally:
+        if outermost:
+            record.unlink(missing_ok=True)
+            if discard:
+                Path(lock.lock_file).unlink(missing_ok=True)
+        lock.release()
+
+
+def _busy_error(path: Path, record: Path, flag: str) -> OutputBusyError:
+    """The output `path` is held by the process that `record` names."""
     return OutputBusyError(
-        f"{flag} {str(folder)!r} is in use by {holder}: wait for that run to end, or choose another folder"
+        f"{flag} {str(path)!r} is in use by {_lock_holder(record)}: wait for it to end, or choose another folder"
     )
 
 
@@ -300,7 +354,7 @@ def raise_if_busy(path: str | os.PathLike, *, flag: str) -> None:
     try:
         lock.acquire()
     except Timeout:
-        raise _busy_error(lock_file.parent, flag) from None
+        raise _busy_error(lock_file.parent, lock_file.parent / LOCK_HOLDER_FILE, flag) from None
     except OSError:
         return  # unreadable: the refusal that follows stands
     lock.release()
@@ -309,28 +363,57 @@ def raise_if_busy(path: str | os.PathLike, *, flag: str) -> None:
 @contextmanager
 def locked_output_dir(path: str | os.PathLike, *, flag: str) -> Iterator[Path]:
     """Hold an exclusive lock on the output folder `path` (created if missing) for the block, or raise
-    `OutputBusyError` naming the process that holds it. The lock is filelock's OS-level one (flock on POSIX): the
-    system releases it when its process dies, so a killed run's lock never blocks the next run. Once held, the
-    holder's pid, host, start time and command are written beside it, for the error a second command shows."""
+    `OutputBusyError` naming the process that holds it: `.spannorm-lock` inside it, for a command that writes into
+    the folder as it goes (a training run). The lock is filelock's OS-level one (flock on POSIX): the system
+    releases it when its process dies, so a killed run's lock never blocks the next run."""
     path = Path(path).expanduser()
-    lock = FileLock(path / LOCK_FILE, timeout=0)  # one attempt: a busy folder is an error, not a wait
     try:
         path.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
-        raise _busy_error(path, flag) from None
     except OSError as error:
         raise OutputDirError(f"{flag} {str(path)!r} is not writable: {error}") from error
-    try:
-        started = datetime.now().astimezone().isoformat(timespec="seconds")
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command}
-        with naming_disk_full(path / LOCK_HOLDER_FILE):  # in place: a temporary file would look like content
-            (path / LOCK_HOLDER_FILE).write_text(json.dumps(holder))
+    with _holding(FileLock(path / LOCK_FILE, timeout=0), path / LOCK_HOLDER_FILE, flag=flag, path=path):
         yield path
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike, *, flag: str) -> Iterator[Path]:
+    """Hold an exclusive lock on the output folder `path` for the block, or raise `OutputBusyError` naming the
+    process that holds it: `.NAME.spannorm-lock` beside the folder, for a folder that is built in a staging
+    sibling and moved in (`atomic_output_dir`), which may not exist yet and is replaced whole by a rename. A
+    command takes it at its start and holds it to its end; it is reentrant in the thread that holds it (so
+    `atomic_output_dir` holds it on), and another thread or process is refused. When the outermost hold ends the
+    lock file and its holder's record are removed, and so are folders above `path` created for them and left
+    empty: nothing of the lock stays beside the folder. Returns the resolved path."""
+    shown, path = Path(path).expanduser(), Path(path).expanduser().resolve()  # errors name the folder as given
+    made = [folder for folder in path.parents if not folder.exists()]  # nearest first
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputDirError(f"{flag} {str(shown)!r} is not writable: {error}") from error
+    try:
+        lock = FileLock(path.with_name(f".{path.name}{LOCK_FILE}"), timeout=0, is_singleton=True)
+        record = path.with_name(f".{path.name}{LOCK_HOLDER_FILE}")
+        with _holding(lock, record, flag=flag, path=shown, discard=True):
+            yield path
     finally:
-        (path / LOCK_HOLDER_FILE).unlink(missing_ok=True)  # while still held: a stale record names nobody
-        lock.release()
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the output is in it (or something else now is)
+                break
+
+
+def hold_outputs(outputs: Sequence[tuple[str | os.PathLike, str, str]], *, overwrite: bool = False) -> ExitStack:
+    """What a command does with its output folders before any work: check each (`(path, kind, flag)`:
+    `check_output_dir`, `check_writable`) and take its lock (`output_lock`), which the returned stack holds until it
+    is closed (`with hold_outputs(...):` around the command's work). Writes nothing into the folders."""
+    stack = ExitStack()
+    with stack:  # a refused folder releases the locks already taken
+        for path, kind, flag in outputs:
+            check_output_dir(path, kind, flag=flag, overwrite=overwrite)
+            check_writable(path, flag=flag)
+            stack.enter_context(output_lock(path, flag=flag))
+        return stack.pop_all()
 
 
 @contextmanager

@@ -143,7 +143,7 @@ def test_lm_eval_scores_our_checkpoint_as_an_hf_client(checkpoint, loaded, monke
         ([], ["nothing to do: give --text"]),
         (["--text", "missing.txt"], ["missing.txt' not found"]),
         (["--text", "held_out.txt", "--stride", "0"], ["stride=0 must be in [1,", "(--stride)"]),
-        (["--tasks", "x", "--batch-size", "big"], ["--batch-size 'big' must be a positive whole number"]),
+        (["--tasks", "x", "--batch-size", "big"], ["--batch-size 'big' must be a whole number from 1 to 1024"]),
         (["--text", "held_out.txt", "--max-length", "nan"], ["argument --max-length/--max_length: invalid int value"]),
     ],
 )

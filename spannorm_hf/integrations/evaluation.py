@@ -30,7 +30,7 @@ from ..cli import (
     read_text,
     text_fields,
 )
-from ..files import atomic_write_text, check_output_file, check_writable
+from ..files import atomic_write_text, check_output_file, check_writable, output_lock
 from .adapters import adapter_base, is_adapter_folder, load_adapter
 from .generation import check_device, load_model
 from .hub import check_tokenizer_code, read_checkpoint_config
@@ -41,6 +41,10 @@ LOCAL_DATASET_BUILDERS = ("json", "csv", "text", "parquet", "arrow")
 TEXT_LIMIT = 64 << 20  # --text is read whole and tokenized in one piece
 TEXT_BIGGER = "evaluate a part of it, e.g. its first lines (head -n 500000 FILE > part.txt): 64 MiB is ~16M tokens"
 MAX_FEWSHOT = 100  # more examples than any task's prompt could hold in a context
+# lm-eval scores a batch in one forward pass (batch x longest request x vocabulary logits); its 'auto' search stops at
+# 64. 'auto:N' measures the largest batch N times over the run (lm-eval divides the requests into N parts).
+MAX_BATCH_SIZE = 1024
+MAX_BATCH_SEARCHES = 100
 
 
 @dataclass
@@ -200,6 +204,20 @@ def run_lm_eval(
         ) from error
 
 
+def check_batch_size(size: str) -> None:
+    """`InputError` unless `size` is an lm-eval batch size within bounds: a whole number up to MAX_BATCH_SIZE,
+    'auto', or 'auto:N' with N up to MAX_BATCH_SEARCHES (lm-eval would take any number, and fail on 'auto:0')."""
+    auto, colon, searches = size.partition(":")
+    if size.isdecimal() and 1 <= int(size) <= MAX_BATCH_SIZE:
+        return
+    if auto == "auto" and (not colon or (searches.isdecimal() and 1 <= int(searches) <= MAX_BATCH_SEARCHES)):
+        return
+    raise InputError(
+        f"--batch-size {size!r} must be a whole number from 1 to {MAX_BATCH_SIZE}, 'auto' (the largest batch that "
+        f"fits), or 'auto:N' with N from 1 to {MAX_BATCH_SEARCHES}"
+    )
+
+
 @dataclass
 class EvaluateArguments:
     """The options of `spannorm-evaluate`."""
@@ -225,7 +243,13 @@ class EvaluateArguments:
         default=None,
         metadata={"help": "examples per task (a whole number), or a fraction in (0, 1) (lm-eval --limit; smoke tests)"},
     )
-    batch_size: str = field(default="1", metadata={"help": "lm-eval batch size: a whole number, 'auto' or 'auto:N'"})
+    batch_size: str = field(
+        default="1",
+        metadata={
+            "help": f"lm-eval batch size: a whole number from 1 to {MAX_BATCH_SIZE}, 'auto' (the largest that fits), "
+            f"or 'auto:N' (measured again N times over the run, N from 1 to {MAX_BATCH_SEARCHES})"
+        },
+    )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"})
     output: str | None = field(
         default=None, metadata={"help": "write the results as JSON here (publish.py --eval-results reads it)"}
@@ -235,9 +259,7 @@ class EvaluateArguments:
     def __post_init__(self):
         if not self.text and not self.tasks:
             raise InputError("nothing to do: give --text (perplexity) and/or --tasks (lm-eval)")
-        size = self.batch_size
-        if not size.startswith("auto") and (not size.isdigit() or int(size) < 1):
-            raise InputError(f"--batch-size {size!r} must be a positive whole number, 'auto' or 'auto:N'")
+        check_batch_size(self.batch_size)
         check_range("--num-fewshot", self.num_fewshot, 0, MAX_FEWSHOT)
         if self.limit is not None and not (0 < self.limit < 1 or (self.limit >= 1 and self.limit == int(self.limit))):
             raise InputError(
@@ -257,9 +279,26 @@ def parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """`spannorm-evaluate` / `scripts/evaluate_model.py`: 0 on success, 2 (one `error:` line) for bad input."""
     (args,) = parser().parse_args_into_dataclasses(argv)
-    if args.output:
-        check_output_file(args.output, flag="--output", overwrite=args.overwrite)  # before any work
-        check_writable(args.output, flag="--output")
+    if not args.output:
+        _evaluate(args)
+        return 0
+    check_writable(args.output, flag="--output")  # before any work
+    with output_lock(args.output, flag="--output"):  # to the end: a second evaluation into the same file is refused
+        check_output_file(args.output, flag="--output", overwrite=args.overwrite)
+        report = _evaluate(args)
+        try:
+            atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+        except OSError as error:  # e.g. the disk filled up while evaluating: the results are not lost with it
+            print(json.dumps(report, indent=2))
+            raise InputError(
+                f"could not write --output {str(args.output)!r} ({one_line(error)}); the results are printed above"
+            ) from error
+    print(f"Results: {args.output}")
+    return 0
+
+
+def _evaluate(args: EvaluateArguments) -> dict[str, Any]:
+    """The scores `main` prints and writes: perplexity on --text, lm-eval --tasks."""
     report: dict[str, Any] = {"model": str(args.model)}
     if args.text:
         text = read_eval_text(args.text)
@@ -288,13 +327,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["lm_eval"] = summarize_lm_eval(results)
         for task, info in report["lm_eval"].items():
             print(task, " ".join(f"{m}={v:.4f}" for m, v in info["metrics"].items()))
-    if args.output:
-        try:
-            atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
-        except OSError as error:  # e.g. the disk filled up while evaluating: the results are not lost with it
-            print(json.dumps(report, indent=2))
-            raise InputError(
-                f"could not write --output {str(args.output)!r} ({one_line(error)}); the results are printed above"
-            ) from error
-        print(f"Results: {args.output}")
-    return 0
+    return report

@@ -5,8 +5,10 @@ fused 3D expert weights of MoE layers are not `nn.Linear`, so they are adapted t
 `target_parameters`. Data is text (packed into blocks, loss on every token) or instruction jsonl with
 `prompt`/`response` (loss on the response only, prompt rendered with the tokenizer's chat template when it has
 one). The adapter folder records a fingerprint of its base's weights, so it is never silently applied to
-another base. The data is read and checked (`read_training_data`: bounded, UTF-8, every record's fields strings)
-and the output folders probed before the model loads, so bad input costs seconds, not a training run.
+another base. The data is read and checked (`read_training_data`: bounded, UTF-8, every record's fields strings),
+the settings checked against the base's config (`--rank` up to its width, `--max-length` up to its context) and
+the output folders probed and locked (`files.output_lock`, held to the end) before the model loads, so bad input
+costs seconds, not a training run.
 """
 
 import json
@@ -43,9 +45,10 @@ from ..cli import (
     read_text,
     text_fields,
 )
-from ..files import atomic_output_dir, check_output_dir, check_writable, naming_disk_full
+from ..configuration_spannorm import SpanNormConfig
+from ..files import atomic_output_dir, hold_outputs, naming_disk_full
 from .adapters import ADAPTER_BASE_FILE, base_fingerprint, is_adapter_folder, load_adapter
-from .hub import TRAINING_DETAILS_FILE, load_checkpoint
+from .hub import TRAINING_DETAILS_FILE, load_checkpoint, read_checkpoint_config
 from .prompts import PROMPT_TEMPLATE, format_prompt  # noqa: F401  (PROMPT_TEMPLATE: re-exported for callers)
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 IGNORE_INDEX = -100
 DATA_LIMIT = 1 << 30  # --data is held in memory (and a plain text file tokenized in one piece)
 DATA_BIGGER = "fine-tune on a part of it (split the file; a LoRA adapter rarely needs more)"
+DEFAULT_MAX_LENGTH = 512  # tokens per example, or the model's context when that is shorter
 
 
 # ----------------------------------------------------------------------------------------------------------- LoRA
@@ -68,9 +72,18 @@ def lora_config(
     target_modules: str | Sequence[str] = "all-linear",
     target_parameters: Sequence[str] | None = None,
 ) -> LoraConfig:
-    """LoRA settings for a SpanNorm config; `target_parameters=None` means the fused experts of MoE models."""
+    """LoRA settings for a SpanNorm config; `target_parameters=None` means the fused experts of MoE models. The rank
+    is at most the model's width: every matrix LoRA adapts here (projections, experts, even the embeddings or the
+    LM head if named) has the width as one side, so its update B @ A has rank <= width whatever `rank` is, and a
+    higher one only adds weights (and memory: `--rank 10**9` would allocate billions per matrix)."""
     if rank < 1:
         raise InputError(f"LoRA rank={rank} must be >= 1 (--rank)")
+    if rank > config.hidden_size:
+        raise InputError(
+            f"--rank {rank} is larger than the model's width (hidden_size {config.hidden_size}): a LoRA update of a "
+            f"matrix with the width as one side has rank <= {config.hidden_size} whatever the rank, so a higher one "
+            f"only adds weights; use a rank from 1 to {config.hidden_size} (8 to 64 is usual)"
+        )
     if not 0.0 <= dropout < 1.0:
         raise InputError(f"LoRA dropout={dropout} must be in [0, 1) (--dropout)")
     if target_parameters is None:
@@ -162,6 +175,26 @@ def read_training_data(path: str | os.PathLike) -> dict[str, list[str]]:
     return data
 
 
+def example_length(max_length: int | None, context: int) -> int:
+    """Tokens per training example for a model with `context` positions (`max_position_embeddings`): `max_length`
+    when given, refused past the context (longer examples would train positions the model does not have);
+    without it DEFAULT_MAX_LENGTH, cut to the context with a printed note."""
+    if max_length is None:
+        if context < DEFAULT_MAX_LENGTH:
+            print(
+                f"--max-length: the default {DEFAULT_MAX_LENGTH} is longer than the model's context of {context} "
+                f"tokens; using {context}"
+            )
+        return min(DEFAULT_MAX_LENGTH, context)
+    if max_length > context:
+        raise InputError(
+            f"--max-length {max_length} is longer than the model's context of {context} tokens "
+            "(max_position_embeddings): examples that long would train positions the model does not have; give at "
+            f"most {context}, or leave --max-length out"
+        )
+    return max_length
+
+
 def load_training_data(
     path: str | os.PathLike,
     tokenizer: PreTrainedTokenizerBase,
@@ -215,19 +248,19 @@ def merge_adapter(
     overwrite: bool = False,
 ) -> Path:
     """Fold the adapter into the base (`merge_and_unload`) and save a standalone SpanNorm checkpoint.
-    `output_dir` must be new, empty or an earlier merge output (see `spannorm_hf.files`), unless `overwrite`."""
-    check_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite)
-    check_writable(output_dir, flag="--merge")
-    details_path = Path(adapter_dir) / TRAINING_DETAILS_FILE
-    details = read_json_object(details_path, what="adapter file") if details_path.is_file() else {}
-    model, tokenizer = load_adapter(adapter_dir, base)
-    merged = model.merge_and_unload()
-    details["merged"] = "LoRA adapter merged into the base weights (merge_and_unload)"
-    with atomic_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite) as staging:
-        with naming_disk_full(staging):
-            merged.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
+    `output_dir` must be new, empty or an earlier merge output (see `spannorm_hf.files`), unless `overwrite`; it is
+    locked from before the adapter loads until the merged model is in it."""
+    with hold_outputs([(output_dir, "merged-model", "--merge")], overwrite=overwrite):
+        details_path = Path(adapter_dir) / TRAINING_DETAILS_FILE
+        details = read_json_object(details_path, what="adapter file") if details_path.is_file() else {}
+        model, tokenizer = load_adapter(adapter_dir, base)
+        merged = model.merge_and_unload()
+        details["merged"] = "LoRA adapter merged into the base weights (merge_and_unload)"
+        with atomic_output_dir(output_dir, "merged-model", flag="--merge", overwrite=overwrite) as staging:
+            with naming_disk_full(staging):
+                merged.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
+                (staging / TRAINING_DETAILS_FILE).write_text(json.dumps(details, indent=2) + "\n")
     return Path(output_dir).expanduser().resolve()
 
 
@@ -329,7 +362,7 @@ def finetune_lora(
     learning_rate: float = 2e-4,
     batch_size: int = 4,
     grad_accum: int = 1,
-    max_length: int = 512,
+    max_length: int | None = None,
     gradient_checkpointing: bool = True,
     seed: int = 0,
     dtype: str | torch.dtype = "auto",
@@ -338,63 +371,65 @@ def finetune_lora(
 ) -> FinetuneResult:
     """Train a LoRA adapter on `data`, save it (with tokenizer and fingerprint) to `output_dir`, and with
     `merge_dir` also a merged standalone checkpoint. Both folders must be new, empty or earlier outputs of the
-    same kind (see `spannorm_hf.files`), unless `overwrite`, and writable; that, and the data, are checked before
-    any work."""
-    check_output_dir(output_dir, "lora-adapter", flag="--output", overwrite=overwrite)
-    check_writable(output_dir, flag="--output")
+    same kind (see `spannorm_hf.files`), unless `overwrite`, and writable; that, the data and the settings are
+    checked before any work, and both folders are locked until the end. `max_length` defaults to
+    DEFAULT_MAX_LENGTH or the base's context, whichever is shorter (see `example_length`)."""
+    outputs = [(output_dir, "lora-adapter", "--output")]
     if merge_dir:
-        check_output_dir(merge_dir, "merged-model", flag="--merge", overwrite=overwrite)
-        check_writable(merge_dir, flag="--merge")
-    columns = read_training_data(data)
-    model, tokenizer = load_checkpoint(base, dtype=dtype)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dataset = load_training_data(data, tokenizer, max_length, columns)
-    fingerprint = base_fingerprint(model)
-    set_seed(seed)  # the LoRA init
-    settings = lora_config(
-        model.config,
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        target_modules=target_modules,
-        target_parameters=target_parameters,
-    )
-    model = get_peft_model(model, settings)
-    model.peft_config["default"].base_model_name_or_path = _base_reference(base)
-    if gradient_checkpointing:
-        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
-    output = _train(
-        model,
-        tokenizer,
-        dataset,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps=max_steps,
-        logging_steps=logging_steps,
-        seed=seed,
-        gradient_checkpointing=gradient_checkpointing,
-    )
-    model.eval()
-    modules = settings.target_modules
-    details = {
-        "base_model": str(base) if not Path(base).expanduser().exists() else f"local checkpoint {Path(base).name}",
-        "method": f"LoRA (PEFT {peft.__version__}): r={rank}, alpha={alpha}, dropout={dropout}",
-        "target_modules": modules if isinstance(modules, str) else sorted(modules),
-        "target_parameters": list(settings.target_parameters or []),
-        "data": Path(data).name,
-        "examples": len(dataset),
-        "optimizer_steps": output.global_step,
-        "learning_rate": learning_rate,
-        "batch_size": f"{batch_size} x {grad_accum} accumulation",
-        "max_length": max_length,
-        "gradient_checkpointing": gradient_checkpointing,
-        "final_train_loss": round(output.training_loss, 4),
-    }
-    adapter_dir = _save_adapter(model, tokenizer, output_dir, base, fingerprint, details, overwrite=overwrite)
-    merged_dir = merge_adapter(adapter_dir, merge_dir, overwrite=overwrite) if merge_dir else None
+        outputs.append((merge_dir, "merged-model", "--merge"))
+    with hold_outputs(outputs, overwrite=overwrite):
+        config = SpanNormConfig.from_dict(read_checkpoint_config(base))  # the base's shape, before its weights load
+        settings = lora_config(
+            config,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            target_parameters=target_parameters,
+        )
+        max_length = example_length(max_length, config.max_position_embeddings)
+        columns = read_training_data(data)
+        model, tokenizer = load_checkpoint(base, dtype=dtype)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        dataset = load_training_data(data, tokenizer, max_length, columns)
+        fingerprint = base_fingerprint(model)
+        set_seed(seed)  # the LoRA init
+        model = get_peft_model(model, settings)
+        model.peft_config["default"].base_model_name_or_path = _base_reference(base)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+        output = _train(
+            model,
+            tokenizer,
+            dataset,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            learning_rate=learning_rate,
+            epochs=epochs,
+            max_steps=max_steps,
+            logging_steps=logging_steps,
+            seed=seed,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        model.eval()
+        modules = settings.target_modules
+        details = {
+            "base_model": str(base) if not Path(base).expanduser().exists() else f"local checkpoint {Path(base).name}",
+            "method": f"LoRA (PEFT {peft.__version__}): r={rank}, alpha={alpha}, dropout={dropout}",
+            "target_modules": modules if isinstance(modules, str) else sorted(modules),
+            "target_parameters": list(settings.target_parameters or []),
+            "data": Path(data).name,
+            "examples": len(dataset),
+            "optimizer_steps": output.global_step,
+            "learning_rate": learning_rate,
+            "batch_size": f"{batch_size} x {grad_accum} accumulation",
+            "max_length": max_length,
+            "gradient_checkpointing": gradient_checkpointing,
+            "final_train_loss": round(output.training_loss, 4),
+        }
+        adapter_dir = _save_adapter(model, tokenizer, output_dir, base, fingerprint, details, overwrite=overwrite)
+        merged_dir = merge_adapter(adapter_dir, merge_dir, overwrite=overwrite) if merge_dir else None
     return FinetuneResult(adapter_dir, merged_dir, model, output.training_loss, output.global_step, len(dataset))
 
 
@@ -437,7 +472,13 @@ class FinetuneArguments:
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate (cosine decay after a short warm-up)"})
     batch_size: int = field(default=4, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_length: int = field(default=512, metadata={"help": "tokens per example (text is packed into such blocks)"})
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": f"tokens per example (text is packed into such blocks), at most the model's context; default "
+            f"{DEFAULT_MAX_LENGTH}, or the context when shorter"
+        },
+    )
     no_gradient_checkpointing: bool = field(
         default=False, metadata={"help": "keep activations instead of recomputing them (faster, more memory)"}
     )
@@ -451,6 +492,12 @@ class FinetuneArguments:
             raise InputError("give --data (and --output) to fine-tune, or an adapter folder as --model with --merge")
         if self.data is not None and not self.output:
             raise InputError("--output is required with --data (the folder the adapter is written to)")
+        folders = {Path(folder).expanduser().resolve() for folder in (self.output, self.merge) if folder}
+        if self.output and self.merge and len(folders) == 1:
+            raise InputError(
+                f"--output and --merge are the same folder ({self.merge!r}): the adapter and the merged model each "
+                "need their own; give --merge another folder"
+            )
         for flag in ("--rank", "--alpha", "--batch-size", "--grad-accum"):
             check_range(flag, getattr(self, flag[2:].replace("-", "_")), 1)
         check_range("--max-length", self.max_length, 2)

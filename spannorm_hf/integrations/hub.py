@@ -40,13 +40,7 @@ from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
 from ..cli import ArgumentParser, InputError, command, read_json_object
 from ..configuration_spannorm import AUTO_MAP, SCALED_SCHEMES, SpanNormConfig
-from ..files import (
-    atomic_output_dir,
-    check_output_dir,
-    check_writable,
-    naming_disk_full,
-    read_output_marker,
-)
+from ..files import atomic_output_dir, hold_outputs, naming_disk_full, read_output_marker
 from ..modeling_spannorm import SpanNormForCausalLM
 from ..parameters import parameter_counts
 
@@ -586,8 +580,14 @@ def publish_main(argv: Sequence[str] | None = None) -> int:
     if args.eval_results:
         evals = eval_results_from_json(read_json_object(args.eval_results, what="--eval-results"))
     output = Path(args.output_dir) if args.output_dir else model_dir.with_name(model_dir.name + "-hub")
-    check_output_dir(output, "hub-folder", flag="--output-dir", overwrite=args.overwrite)  # before any work
-    check_writable(output, flag="--output-dir")
+    with hold_outputs([(output, "hub-folder", "--output-dir")], overwrite=args.overwrite):  # to the upload's end
+        return _build_and_upload(args, model_dir, output, details, evals)
+
+
+def _build_and_upload(
+    args: PublishArguments, model_dir: Path, output: Path, details: dict[str, Any] | None, evals: list[EvalResult]
+) -> int:
+    """The work of `publish_main`, once its inputs are read and its --output-dir is held."""
     model, tokenizer = load_checkpoint(model_dir)
     folder = build_hub_folder(
         model,
