@@ -86,6 +86,12 @@ def test_every_norm_scheme_has_a_card_description():
         assert f"norm-scheme-{scheme}" in render_model_card(tiny_config(norm_scheme=scheme), "a/b").content
 
 
+def test_the_card_names_the_width_rule():
+    assert "| Width rule (`mup_base_width`) | none |" in render_model_card(tiny_config(), "a/b").content
+    ruled = render_model_card(tiny_config(mup_base_width=16), "a/b").content
+    assert "| Width rule (`mup_base_width`) | muP from width 16 |" in ruled
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_parameter_counts(tied):
     dense = tiny_config(tie_word_embeddings=tied, norm_scheme="pre")  # tying needs small initial embeddings

@@ -327,6 +327,7 @@ def render_model_card(
         norm_scheme=config.norm_scheme,
         scheme_description=SCHEME_DESCRIPTIONS[config.norm_scheme],
         skip_and_gain=skip_and_gain,
+        width_rule="none" if config.mup_base_width is None else f"muP from width {config.mup_base_width}",
         num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads,
