@@ -259,8 +259,8 @@ DEPTH_SECTIONS = (
 #      brackets that a best at an edge needs; the rest decide nothing);
 #   6. PreNorm and Peri-LN with the width rule at widths 256 and 512 (L = 6), around their width-128 bests;
 #   7. the joint check: width 256 at L = 24 with both rules.
-# Cost (CPU seconds of one 200-step L = 6 run, one thread): about 15 at width 64, 48 at 128, 150 at 256, 480 at 512
-# (estimated, ~width^1.6); sections 1-3 about 5 CPU-hours.
+# Cost (CPU seconds of one 200-step L = 6 run, one thread, measured on the first 24 runs): 13 at width 64, 32 at 128,
+# 100 at 256; about 350 at 512 (extrapolated, ~width^1.7); L = 12 twice that. Sections 1-3 about 3.5 CPU-hours.
 WIDTH_ARMS = ("span-completep", "span-completep-w")  # without and with the width rule
 WIDTH_BASE = 128
 WIDTHS = (64, 128, 256, 512)
