@@ -11,7 +11,7 @@ from pathlib import Path
 
 from spannorm_hf.files import atomic_write_bytes
 
-from grids import Grid
+from grids import ARMS, Grid
 from verdicts import _arms_in, _group, _lr_key, _mean_std, best_lrs, depth_cells
 
 
@@ -312,7 +312,10 @@ def plot_width(records: list[dict], grid: Grid, out_dir: Path, baseline: float =
                 ax.plot(lrs[best], means[best], marker="*", ms=12, color=color)
         ax.axhline(baseline, color="gray", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{arm}, L={layers}", fontsize=9)
+        ax.minorticks_off()
+        ticks = sorted({lr for (a, lay, _, lr) in runs if (a, lay) == (arm, layers)})
+        ax.set_xticks(ticks, labels=[_lr_key(lr) for lr in ticks], fontsize=8)
+        ax.set_title(f"{ARMS[arm].label}, L={layers}", fontsize=9)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("val loss (nats/byte)")
         ax.set_ylim(*_ylim(ax))
