@@ -117,9 +117,8 @@ def test_l48_long_grid_is_the_depth_grid_at_l48_four_times_longer():
     long, depth = GRIDS["depth48-long"], GRIDS["depth"]
     assert long.shape() == {**depth.shape(), "steps": 4 * depth.steps} and long.verdict == "none"
     runs = long.runs()
-    assert {(s.arm, s.lr) for s in runs} == {
-        ("pre", 2e-3), ("pre", 1e-3), ("peri", 2e-3), ("peri", 1e-3), ("span-completep", 1.6e-2), ("span-completep", 8e-3)
-    }  # fmt: skip
+    arms = {"pre": (2e-3, 1e-3), "peri": (2e-3, 1e-3), "span-completep": (1.6e-2, 8e-3)}
+    assert {(s.arm, s.lr) for s in runs} == {(arm, lr) for arm, lrs in arms.items() for lr in lrs}
     assert {(s.layers, s.experts) for s in runs} == {(48, 0)} and len(runs) == 12
     assert [(s.arm, s.lr, s.seed) for s in runs[:3]] == [
         ("pre", 2e-3, 0),
