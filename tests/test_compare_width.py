@@ -9,11 +9,11 @@ import torch
 
 from spannorm_hf.training.corpus import read_default_corpus
 
-from compare_norms import run_grid
+from compare_norms import pending, run_grid
 from grids import ARMS, GRIDS, WIDTH_ARMS, WIDTH_LRS, WIDTHS, Grid, RunSpec, Section
 from report import write_report
 from run import build_model, read_records
-from verdicts import joint_check, width_cells, width_verdict
+from verdicts import joint_check, missing_runs, width_cells, width_verdict
 
 BASELINE = 3.355
 ALL_LRS = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)
@@ -157,6 +157,21 @@ def test_width_verdict_is_undecided_until_every_required_run_is_in():
     assert "span-completep|L6|W512|E0|lr0.002|s1" in missing  # best 4e-3 sits at the lowest
     assert not any("|L12|W512|" in key or key.startswith("span-completep-w") for key in missing)
     assert width_verdict([], BASELINE).status == "undecided"
+
+
+def test_a_resumed_grid_runs_what_the_verdict_still_needs_first():
+    """Where the bests fell decides which brackets and third seeds the verdict needs; those go before the rest."""
+    grid = GRIDS["width"]
+    core = [r for r in synthetic() if r["lr"] in WIDTH_LRS and r["seed"] in (0, 1) and r["layers"] == 6]
+    done = {r["key"]: r for r in core}
+    needed = missing_runs(core, grid.verdict, BASELINE)
+    assert "span-completep|L6|W512|E0|lr0.002|s0" in needed  # the default's best at 512 sits at the lowest lr
+    order = [spec.key for spec in pending(grid, done, needed)]
+    assert sorted(order) == sorted(spec.key for spec in grid.runs() if spec.key not in done)  # nothing lost
+    assert order[: len(needed)] == [k for k in (s.key for s in grid.runs()) if k in set(needed)]
+    assert order.index("span-completep|L6|W512|E0|lr0.002|s0") < order.index("span-completep|L6|W64|E0|lr0.002|s0")
+    assert [s.key for s in pending(grid, done)] == [s.key for s in grid.runs() if s.key not in done]
+    assert missing_runs(core, None, BASELINE) == ()
 
 
 def test_joint_check_within_one_x2_step_of_the_base():

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from grids import GRIDS, Grid
-from report import write_report
+from grids import GRIDS, Grid, RunSpec
+from report import unigram_loss, write_report
 from run import _append, load_bytes, read_records, split_data, train_one, val_batches
+from verdicts import missing_runs
 
 
 def run_grid(
@@ -31,7 +32,8 @@ def run_grid(
 ) -> Path:
     """Run every not-yet-recorded run of `grid` into `out_dir/runs.jsonl`, then write the report.
 
-    `shard=(i, n)` takes every n-th pending run starting at i, so n processes can share a grid (and the cores)."""
+    The runs the grid's verdict still needs go first, then the rest in the grid's order. `shard=(i, n)` takes every
+    n-th of them starting at i, so n processes can share a grid (and the cores)."""
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count} is invalid: need 0 <= index < count")
@@ -48,11 +50,15 @@ def run_grid(
                 f"{rec.get('data')!r}); pass a fresh --out to start a new comparison"
             )
         done[rec["key"]] = rec
-    todo = [spec for spec in grid.runs() if spec.key not in done][index::count]
+    needed = missing_runs(list(done.values()), grid.verdict, unigram_loss(train, val))
+    todo = pending(grid, done, needed)[index::count]
     log(
         f"[compare] grid {grid.name!r}: {len(grid.runs())} runs, {len(done)} already in {path}, "
         f"{len(todo)} to go in shard {index}/{count}"
     )
+    unplanned = [key for key in needed if key not in {spec.key for spec in grid.runs()}]
+    if unplanned:
+        log(f"[compare] the verdict needs {len(unplanned)} runs this grid does not plan: {', '.join(unplanned)}")
     t0 = time.time()
     for i, spec in enumerate(todo, 1):
         record = train_one(spec, grid, train, val)
@@ -67,6 +73,12 @@ def run_grid(
         )
     write_report(out_dir, grid, data)
     return out_dir
+
+
+def pending(grid: Grid, done: dict[str, dict], needed: tuple[str, ...] = ()) -> list[RunSpec]:
+    """The grid's runs not in `done`: those in `needed` first (in the grid's order), then the rest."""
+    first = set(needed)
+    return sorted((spec for spec in grid.runs() if spec.key not in done), key=lambda spec: spec.key not in first)
 
 
 def main() -> None:

@@ -273,6 +273,9 @@ WIDTH_SECTIONS = (
     Section(WIDTH_ARMS, (6,), WIDTH_LRS, widths=(512,), seeds=(0, 1)),
     Section(WIDTH_ARMS, (12,), WIDTH_LRS, widths=WIDTH_L12, seeds=(0, 1)),
     Section(WIDTH_ARMS, (6,), (8e-3, 1.6e-2, 3.2e-2), widths=WIDTHS, seeds=(2,)),
+    # Added after sections 1-2 ran: the default's best at widths 256 and 512 fell to 4e-3, below section 4's guess,
+    # and the verdict asks for seed 2 at each arm's best.
+    Section(("span-completep",), (6,), (4e-3,), widths=(256, 512), seeds=(2,)),
     Section(WIDTH_ARMS, (6,), WIDTH_EDGE_LRS, widths=WIDTHS, seeds=(0, 1)),
     Section(WIDTH_ARMS, (12,), WIDTH_EDGE_LRS, widths=WIDTH_L12, seeds=(0, 1)),
     Section(("pre-w", "peri-w"), (6,), (2e-3, 4e-3, 8e-3, 1.6e-2), widths=(256, 512), seeds=(0, 1)),

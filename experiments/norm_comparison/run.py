@@ -12,6 +12,7 @@ Results are one JSON line per finished run, appended and fsync'ed (`compare_norm
 resumes where it stopped; `report.write_report` turns the JSONL into `table.md` and the PNG plots.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -166,15 +167,51 @@ def _val_loss(model: SpanNormForCausalLM, batches: list[torch.Tensor]) -> float:
     ) / len(batches)
 
 
+PRECISIONS = ("fp32", "bf16-autocast", "bf16-params")
+
+
+def _bf16_params(model: SpanNormForCausalLM) -> SpanNormForCausalLM:
+    """FSDP2 with `MixedPrecisionPolicy(param_dtype=bfloat16)` on a one-process gloo group: every block computes
+    with bf16 weights while the optimizer keeps fp32 ones, as a sharded GPU run does."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # removed by train_one
+    mesh = init_device_mesh("cpu", (1,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_blocks(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _fp32_copy(model: nn.Module, spec: RunSpec, grid: Grid) -> SpanNormForCausalLM:
+    """The trained weights in a plain fp32 model (gathered from FSDP's shards where sharded)."""
+    plain = build_model(spec, grid)
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Tensor]) -> dict:
-    """Train one run and return its JSONL record."""
+def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Tensor], precision: str = "fp32") -> dict:
+    """Train one run and return its JSONL record. `precision` (one of PRECISIONS) other than fp32 trains under
+    bf16 autocast or with bf16 parameters, and adds the trained weights' validation loss in fp32 to the record."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     t0, cpu0 = time.time(), time.process_time()
     model = build_model(spec, grid)
     init_diag = _diagnostics(model, val[0])
+    if precision == "bf16-params":
+        model = _bf16_params(model)
+
+    def compute() -> contextlib.AbstractContextManager:
+        on = precision == "bf16-autocast"
+        return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, int(grid.warmup_frac * grid.steps))
 
@@ -186,7 +223,8 @@ def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Te
     nonfinite, max_jump, running_min = False, 0.0, math.inf
     model.train()
     for step, window in enumerate(train_batches(train, grid, spec.seed)):
-        loss = _loss(model, window)
+        with compute():
+            loss = _loss(model, window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())
@@ -201,7 +239,14 @@ def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Te
         opt.step()
         sched.step()
     model.eval()
-    val_loss = math.nan if nonfinite else _val_loss(model, val)
+    with compute():
+        val_loss = math.nan if nonfinite else _val_loss(model, val)
+    extra = {}
+    if precision != "fp32":
+        model = _fp32_copy(model, spec, grid)
+        if precision == "bf16-params":
+            torch.distributed.destroy_process_group()
+        extra = {"precision": precision, "val_loss_fp32": _finite_or_none(_val_loss(model, val))}
     end_diag = _diagnostics(model, val[0]) if math.isfinite(val_loss) else None
     finite_gn = [g for g in grad_norms if math.isfinite(g)]
     every = max(1, grid.steps // 50)
@@ -227,6 +272,7 @@ def train_one(spec: RunSpec, grid: Grid, train: torch.Tensor, val: list[torch.Te
         "end": end_diag,
         "seconds": round(time.time() - t0, 2),
         "cpu_seconds": round(time.process_time() - cpu0, 2),  # the run's cost, whatever else shares the cores
+        **extra,
     }
     record["diverged"] = is_diverged(record)
     return record

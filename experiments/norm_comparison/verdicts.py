@@ -367,6 +367,17 @@ def width_verdict(
     return WidthVerdict("undecided" if missing else provisional, provisional, tuple(reasons), rows, missing)
 
 
+def missing_runs(records: list[dict], verdict: str | None, baseline: float) -> tuple[str, ...]:
+    """The run keys a grid's pre-registered verdict still needs on `records` (none for a grid without one), so a
+    resumed grid can run them first: which runs decide depends on where the bests fell, which a fixed order cannot
+    know."""
+    if verdict == "width":
+        return width_verdict(records, baseline).missing
+    if verdict == "depth":
+        return depth_verdict(records, baseline).missing
+    return ()
+
+
 def joint_check(
     records: list[dict], baseline: float, arm: str = "span-completep-w", width: int = 256, base_width: int = WIDTH_BASE
 ) -> dict[int, tuple[float | None, float | None, bool | None]]:
