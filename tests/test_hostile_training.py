@@ -139,6 +139,8 @@ def finished_run(files, tmp_path_factory) -> Path:
         ('"step": 4', '"step": 3', "field 'step' is 3, but the checkpoint is step-00000004"),
         ('"tokens": 512', '"tokens": -1', "Validation error for field 'tokens': ValueError: must be >= 0, got -1"),
         ('"last_epoch": 4', '"last_epoch": "4"', "field 'scheduler.last_epoch' must be an integer >= 0, got '4'"),
+        # the learning rate a resume without --lr trains at
+        ('"lr": 0.003', '"lr": -1', "field 'args.lr' must be a finite number > 0, got -1"),
     ],
 )
 def test_resume_refuses_a_resealed_train_state_naming_the_field(

@@ -18,6 +18,7 @@ from accelerate.state import AcceleratorState
 
 from spannorm_hf.files import LOCK_FILE, OUTPUT_MARKER, claim_output_dir
 from spannorm_hf.training.checkpointing import write_manifest
+from spannorm_hf.training.learning_rate import predicted_lr
 from spannorm_hf.training.tokenizer import train_tokenizer
 from spannorm_hf.training.trainer import load_config, main, parse_args, train
 
@@ -284,6 +285,26 @@ def test_the_defaults_fit_every_shipped_preset(preset, tmp_path):
     told = parse_args(["--config", path, "--output", str(tmp_path / "run"), "--seq-len", "64"])
     load_config(told)
     assert told.seq_len == 64
+
+
+def test_without_lr_a_run_takes_the_studies_rate_and_a_resume_keeps_its_own(files, tmp_path, capsys):
+    """No --lr: a new run uses `predicted_lr` (tiny config: span, CompleteP, width 32, no width rule: 8e-3 x 128 /
+    32) and says so; resumed without --lr it keeps the checkpoint's learning rate, even one the user chose."""
+    config = load_config(parse_args(argv(files, tmp_path / "x")))
+    lr, _ = predicted_lr(config)
+    assert config.hidden_size == 32 and lr == pytest.approx(3.2e-2)
+    out = tmp_path / "run"
+    assert main(argv(files, out, lr=None, max_steps=2, save_every=2, eval_every=2)) == 0
+    assert f"--lr {lr:.3g}: the width and depth studies' rule" in capsys.readouterr().out
+    assert [r["lr"] for r in records(out) if "loss" in r][0] == pytest.approx(lr / 2)  # warmup step 1 of 2
+    chosen = tmp_path / "chosen"
+    assert main(argv(files, chosen, lr=1e-3, max_steps=4, save_every=2, eval_every=2)) == 0
+    AcceleratorState._reset_state(True)
+    shutil.rmtree(chosen / "checkpoints" / "step-00000004")
+    assert main([*argv(files, chosen, lr=None, max_steps=4, save_every=2, eval_every=2), "--resume", "latest"]) == 0
+    assert "--lr 0.001: the learning rate of" in capsys.readouterr().out
+    resumed = [r["lr"] for r in records(chosen) if "loss" in r]
+    assert resumed[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))  # the cosine of a 1e-3 peak
 
 
 def test_bad_resume_fails_before_touching_the_run(files, tmp_path, capsys):

@@ -51,7 +51,13 @@ class TrainArguments:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps (ignored if --max-tokens is set)"})
     max_tokens: int | None = field(default=None, metadata={"help": "train for this many tokens instead"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "peak learning rate; default: the one the width and depth studies measured for the config "
+            "(printed at start), or the checkpoint's when resuming"
+        },
+    )
     lr_scheduler: str = field(
         default="cosine", metadata={"help": f"learning-rate schedule (transformers'): {', '.join(LR_SCHEDULERS)}"}
     )
@@ -104,13 +110,13 @@ class TrainArguments:
         if self.seq_len is not None and self.seq_len < 2:  # a row of one token has no next token: a loss of 0 / 0
             raise SetupError(f"--seq-len must be >= 2 (each row's tokens predict the next one), got {self.seq_len}")
         for name in ("lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "val_size"):
-            if not math.isfinite(getattr(self, name)):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise SetupError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SetupError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.diag_every < 0 or self.val_size < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise SetupError("--diag-every, --val-size, --warmup-steps and --max-grad-norm must be >= 0")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise SetupError(f"--lr must be > 0, got {self.lr}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:

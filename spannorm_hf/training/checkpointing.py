@@ -200,6 +200,12 @@ class TrainState:
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None = None
 
+    def validate_lr(self) -> None:
+        """A run resumed without --lr trains at it."""
+        lr = self.args.get("lr")
+        if type(lr) not in (int, float) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"field 'args.lr' must be a finite number > 0, got {lr!r}")
+
     def validate_scheduler(self) -> None:
         """Its position and peak learning rates set the learning rate of every resumed step."""
         last = self.scheduler.get("last_epoch")

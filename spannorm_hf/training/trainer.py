@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.utils import is_flash_attn_2_available
 
 from ..cli import InputError, command
+from ..configuration_spannorm import SpanNormConfig
 from ..files import (
     DiskFullError,
     is_disk_full,
@@ -53,7 +54,7 @@ from ..files import (
 from ..integrations.hub import CheckpointPusher, check_repo_id, load_tokenizer
 from ..parameters import parameter_counts
 from .arguments import SetupError, TrainArguments, load_config, parse_args
-from .checkpointing import Checkpointer, check_output, claim_output, remove_earlier_run
+from .checkpointing import Checkpointer, check_output, claim_output, read_train_state, remove_earlier_run
 from .data import (
     ShuffledRows,
     StreamRows,
@@ -68,6 +69,7 @@ from .data import (
 )
 from .diagnostics import BlockStats, block_grad_norms
 from .export import export_model, push_model
+from .learning_rate import predicted_lr
 from .metrics import TENSORBOARD_DIR, Throughput, trackers, truncate_metrics
 
 __all__ = [
@@ -201,6 +203,13 @@ def set_peak_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None
         group["lr"], group["initial_lr"] = value, lr
 
 
+def default_lr(config: SpanNormConfig, resume_from: Path | None) -> tuple[float, str]:
+    """A run without --lr: a resumed one keeps its checkpoint's, a new one takes the studies' (`predicted_lr`)."""
+    if resume_from is not None:
+        return read_train_state(resume_from)["args"]["lr"], f"the learning rate of {resume_from}"
+    return predicted_lr(config)
+
+
 def default_attention(accelerator: Accelerator) -> str:
     """FlashAttention-2 where it can run (CUDA, half precision, package installed), else PyTorch's sdpa."""
     usable = accelerator.device.type == "cuda" and accelerator.mixed_precision in ("bf16", "fp16")
@@ -320,6 +329,9 @@ class Trainer:
         self.checkpointer = Checkpointer(check_output(args), args.keep_last)
         self.output = self.checkpointer.output
         self.resume_from = self.checkpointer.find(args.resume, args.overwrite)
+        if args.lr is None:
+            args.lr, source = default_lr(self.config, self.resume_from)
+            accelerator.print(f"--lr {args.lr:.3g}: {source}")
         saved = Checkpointer.check_compatible(self.resume_from, self.config, args) if self.resume_from else None
         notes = [self.launch_note]
         if saved and args.streaming and saved["num_processes"] != self.world:
