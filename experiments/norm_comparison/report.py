@@ -35,6 +35,7 @@ from verdicts import (
     STUCK_NATS,
     TRANSFER_TIE,
     USABLE_NATS,
+    DepthCell,
     _arms_in,
     _group,
     _lr_key,
@@ -116,6 +117,27 @@ def markdown_table(records: list[dict], grid: Grid, baseline: float = math.nan) 
 
 def _num(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) else "—"
+
+
+def _sweep_row(c: DepthCell, at_best: list[dict] | None) -> str:
+    """The columns every sweep table shares: lrs run | best lr | loss at best | usable window | stuck | div."""
+    found = c.best_lr is not None
+    best, usable = (cell(at_best), ", ".join(_lr_key(lr) for lr in c.usable)) if found else ("—", "none")
+    return (
+        f"{', '.join(_lr_key(lr) for lr in c.lrs)} | {_lr_key(c.best_lr) if found else '—'} | {best} | {usable} | "
+        f"{c.stuck}/{c.runs} | {c.diverged}/{c.runs}"
+    )
+
+
+def _fails(fails: list[str]) -> str:
+    """Where a rule's arm got stuck or diverged, the first six named."""
+    return ", ".join(fails[:6]) + (f" (+{len(fails) - 6})" if len(fails) > 6 else "") or "none"
+
+
+def _missing(missing: tuple[str, ...]) -> str:
+    """The runs a verdict still needs, the first 30 named."""
+    shown = ", ".join(f"`{k}`" for k in missing[:30])
+    return f"Missing {len(missing)} runs: {shown}" + (f" and {len(missing) - 30} more." if len(missing) > 30 else ".")
 
 
 def _summary(records: list[dict]) -> str:
@@ -231,17 +253,11 @@ def _depth_sweep_table(records: list[dict], grid: Grid, baseline: float) -> str:
                 if any((s.arm, s.layers, s.experts) == (arm, layers, experts) for s in planned):
                     lines.append(f"| {arm} | {name} | missing | | | | | | |")
                 continue
-            best = cell(groups[(arm, layers, experts, c.best_lr)]) if c.best_lr is not None else "—"
-            usable = ", ".join(_lr_key(lr) for lr in c.usable) if c.best_lr is not None else "none"
             if c.transfer_error is None:
                 te = "missing" if c.transfer_lr is not None else "no L=6 best yet"
             else:
                 te = f"{c.transfer_error:+.3f} (lr {_lr_key(c.transfer_lr)})"
-            lines.append(
-                f"| {arm} | {name} | {', '.join(_lr_key(lr) for lr in c.lrs)} | "
-                f"{_lr_key(c.best_lr) if c.best_lr is not None else '—'} | {best} | {usable} | {c.stuck}/{c.runs} | "
-                f"{c.diverged}/{c.runs} | {te} |"
-            )
+            lines.append(f"| {arm} | {name} | {_sweep_row(c, groups.get((arm, layers, experts, c.best_lr)))} | {te} |")
     return "\n".join(lines)
 
 
@@ -266,22 +282,19 @@ def _depth_rule_table(
     ]
     for arm, row in verdict.rows.items():
         te = [row["transfer"].get(d) for d in depths[1:]]
-        fails = ", ".join(row["fails"][:6]) + (f" (+{len(row['fails']) - 6})" if len(row["fails"]) > 6 else "")
         lines.append(
             f"| {arm} | "
             + " | ".join("—" if v is None else f"{v:+.3f}" for v in te)
-            + f" | {_num(row['mean_transfer'])} | {_num(row['mean_best'])} | {fails or 'none'} |"
+            + f" | {_num(row['mean_transfer'])} | {_num(row['mean_best'])} | {_fails(row['fails'])} |"
         )
     lines += ["", f"Verdict: **{verdict.status}**" + (f": `{verdict.winner}`." if verdict.winner else ".")]
     if verdict.status == "undecided":
-        shown = ", ".join(f"`{k}`" for k in verdict.missing[:30])
-        more = f" and {len(verdict.missing) - 30} more" if len(verdict.missing) > 30 else ""
         lines += [
             "",
             "Provisional leader on the runs so far (not a verdict): "
             + (f"`{verdict.provisional}`." if verdict.provisional else "none yet."),
             "",
-            f"Missing {len(verdict.missing)} runs: {shown}{more}.",
+            _missing(verdict.missing),
         ]
     return "\n".join(lines)
 
@@ -427,14 +440,8 @@ def _width_sweep_table(records: list[dict], baseline: float) -> str:
     for r in records:
         runs[(r["arm"], r.get("width") or WIDTH_BASE, r["layers"], r["lr"])].append(r)
     for (arm, width, layers), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
-        best = cell(runs[(arm, width, layers, c.best_lr)]) if c.best_lr is not None else "—"
-        usable = ", ".join(_lr_key(lr) for lr in c.usable) if c.best_lr is not None else "none"
         te = "—" if c.transfer_error is None else f"{c.transfer_error:+.3f} (lr {_lr_key(c.transfer_lr)})"
-        lines.append(
-            f"| {arm} | {layers} | {width} | {', '.join(_lr_key(lr) for lr in c.lrs)} | "
-            f"{_lr_key(c.best_lr) if c.best_lr is not None else '—'} | {best} | {usable} | {c.stuck}/{c.runs} | "
-            f"{c.diverged}/{c.runs} | {te} |"
-        )
+        lines.append(f"| {arm} | {layers} | {width} | {_sweep_row(c, runs[(arm, width, layers, c.best_lr)])} | {te} |")
     return "\n".join(lines)
 
 
@@ -454,19 +461,16 @@ def _width_rule_table(records: list[dict], baseline: float) -> str:
     ]
     for arm, row in verdict.rows.items():
         te = [row["transfer"].get(lw) for lw in where]
-        fails = ", ".join(row["fails"][:6]) + (f" (+{len(row['fails']) - 6})" if len(row["fails"]) > 6 else "")
         lines.append(
             f"| {arm} | "
             + " | ".join("—" if v is None else f"{v:+.3f}" for v in te)
-            + f" | {_num(row['mean_transfer'])} | {fails or 'none'} |"
+            + f" | {_num(row['mean_transfer'])} | {_fails(row['fails'])} |"
         )
     lines += ["", f"Verdict: **{verdict.status}**. " + "; ".join(verdict.reasons) + "."]
     if verdict.status == "undecided":
-        shown = ", ".join(f"`{k}`" for k in verdict.missing[:30])
-        more = f" and {len(verdict.missing) - 30} more" if len(verdict.missing) > 30 else ""
         lines += [
             "",
-            f"Provisional (not a verdict): {verdict.provisional}. Missing {len(verdict.missing)} runs: {shown}{more}.",
+            f"Provisional (not a verdict): {verdict.provisional}. {_missing(verdict.missing)}",
         ]
     return "\n".join(lines)
 
