@@ -113,7 +113,7 @@ def test_long_grid_is_the_depth_grid_run_four_times_longer():
 
 def test_l48_long_grid_is_the_depth_grid_at_l48_four_times_longer():
     """Issue 19 item 4: L = 48, 4x the steps, each arm at its 200-step best and one x2 step below, seeds 0 and 1,
-    every arm's 200-step best on seed 0 first."""
+    the two leaders (Peri-LN's 2e-3, CompleteP's 8e-3) first."""
     long, depth = GRIDS["depth48-long"], GRIDS["depth"]
     assert long.shape() == {**depth.shape(), "steps": 4 * depth.steps} and long.verdict == "none"
     runs = long.runs()
@@ -121,10 +121,11 @@ def test_l48_long_grid_is_the_depth_grid_at_l48_four_times_longer():
     assert {(s.arm, s.lr) for s in runs} == {(arm, lr) for arm, lrs in arms.items() for lr in lrs}
     assert {(s.layers, s.experts) for s in runs} == {(48, 0)} and len(runs) == 12
     assert [(s.arm, s.lr, s.seed) for s in runs[:3]] == [
-        ("pre", 2e-3, 0),
         ("peri", 2e-3, 0),
-        ("span-completep", 1.6e-2, 0),
+        ("span-completep", 8e-3, 0),
+        ("peri", 1e-3, 0),
     ]
+    assert runs[6].seed == 1
 
 
 def test_seed2_grid_is_the_depth_grid_at_l48_for_the_default():

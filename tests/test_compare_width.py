@@ -41,6 +41,7 @@ def test_width_grid_plan():
     }
     assert first == want
     assert runs[0].width == 64 and runs[47].width == 256 and runs[48].width == 512
+    assert (runs[112].arm, runs[112].layers, runs[112].width) == ("span-completep-w", 24, 256)  # the joint check next
     # Every hidden dimension grows with the width: heads of 32, an FFN of 43/16 the width.
     assert grid.dims(None) == (128, 4, 344) == grid.dims(128)
     assert grid.dims(512) == (512, 16, 1376) and grid.dims(64) == (64, 2, 172)

@@ -250,15 +250,18 @@ DEPTH_SECTIONS = (
 # The width study (issue 19): does one learning rate, tuned at width 128, carry to widths 64..512 with the width rule
 # (`mup_base_width=128`), and without it? The depth grid's protocol (200 steps x 16 x 64 bytes, AdamW, warmup and
 # cosine), heads of 32 and an FFN of 43/16 the width (4 heads and 344 at width 128, as in the depth grid). The rule
-# that decides is `verdicts.width_verdict`, committed before any run of this grid. Sections in priority order:
+# that decides is `verdicts.width_verdict`, committed before any run of this grid. Sections in run order (a resumed
+# grid runs the verdict's missing runs first, wherever they sit):
 #   1-2. both arms at L = 6, widths 64, 128, 256, then 512, four central learning rates, seeds 0 and 1;
 #   3. both arms at L = 12, widths 64, 128, 256, same, seeds 0 and 1;
-#   4. the third seed at the verdict's cells (L = 6, every width, both arms, the three learning rates around the
-#      default's width-128 best, 1.6e-2);
-#   5. one x2 step beyond each end (2e-3, 6.4e-2) at every cell, seeds 0 and 1 (the verdict asks only for the
-#      brackets that a best at an edge needs; the rest decide nothing);
-#   6. PreNorm and Peri-LN with the width rule at widths 256 and 512 (L = 6), around their width-128 bests;
-#   7. the joint check: width 256 at L = 24 with both rules.
+#   4. the joint check: width 256 at L = 24 with both rules;
+#   5. PreNorm and Peri-LN with the width rule at widths 256 and 512 (L = 6), around their width-128 bests;
+#   6. the third seed at the verdict's cells (L = 6, every width, both arms, the three learning rates around the
+#      default's width-128 best, 1.6e-2), and (added) the default's at 4e-3, its best at widths 256 and 512;
+#   7. one x2 step beyond each end (2e-3, 6.4e-2) at every cell, seeds 0 and 1 (the verdict asks only for the
+#      brackets that a best at an edge needs; the rest decide nothing).
+# Sections 4-5 were moved before 6-7 after section 3 (same runs, new order): 6-7 are mostly runs the verdict does not
+# need, and the verdict's own runs now go first anyway.
 # Cost (CPU seconds of one 200-step L = 6 run, one thread, measured on the first 24 runs): 13 at width 64, 32 at 128,
 # 100 at 256; about 350 at 512 (extrapolated, ~width^1.7); L = 12 twice that. Sections 1-3 about 3.5 CPU-hours.
 WIDTH_ARMS = ("span-completep", "span-completep-w")  # without and with the width rule
@@ -272,14 +275,14 @@ WIDTH_SECTIONS = (
     Section(WIDTH_ARMS, (6,), WIDTH_LRS, widths=(64, 128, 256), seeds=(0, 1)),
     Section(WIDTH_ARMS, (6,), WIDTH_LRS, widths=(512,), seeds=(0, 1)),
     Section(WIDTH_ARMS, (12,), WIDTH_LRS, widths=WIDTH_L12, seeds=(0, 1)),
+    Section(("span-completep-w",), (24,), (4e-3, 8e-3, 1.6e-2, 3.2e-2), widths=(256,), seeds=(0, 1)),
+    Section(("pre-w", "peri-w"), (6,), (2e-3, 4e-3, 8e-3, 1.6e-2), widths=(256, 512), seeds=(0, 1)),
     Section(WIDTH_ARMS, (6,), (8e-3, 1.6e-2, 3.2e-2), widths=WIDTHS, seeds=(2,)),
-    # Added after sections 1-2 ran: the default's best at widths 256 and 512 fell to 4e-3, below section 4's guess,
+    # Added after sections 1-2 ran: the default's best at widths 256 and 512 fell to 4e-3, below section 6's guess,
     # and the verdict asks for seed 2 at each arm's best.
     Section(("span-completep",), (6,), (4e-3,), widths=(256, 512), seeds=(2,)),
     Section(WIDTH_ARMS, (6,), WIDTH_EDGE_LRS, widths=WIDTHS, seeds=(0, 1)),
     Section(WIDTH_ARMS, (12,), WIDTH_EDGE_LRS, widths=WIDTH_L12, seeds=(0, 1)),
-    Section(("pre-w", "peri-w"), (6,), (2e-3, 4e-3, 8e-3, 1.6e-2), widths=(256, 512), seeds=(0, 1)),
-    Section(("span-completep-w",), (24,), (4e-3, 8e-3, 1.6e-2, 3.2e-2), widths=(256,), seeds=(0, 1)),
 )
 
 # The full grid, in seed-major order: the L=12 LR sweep of every scheme, SpanNorm's scaling candidates, L=6 dense and
@@ -399,13 +402,17 @@ GRIDS: dict[str, Grid] = {
     # 2e-3, 1.6e-2) and one x2 step below (the depth-long runs at L = 24 found lower learning rates better for longer
     # runs). Seed-major: every arm's best on seed 0 first. About 25 CPU-minutes a run, 12 runs. Reordered after
     # three runs (Peri-LN 1.624 ahead of CompleteP 1.681 at their 200-step bests): CompleteP's step below comes
-    # next, as it did better at 800 steps at L = 24; same runs, new order.
+    # next, as it did better at 800 steps at L = 24; same runs, new order. Reordered again after four (CompleteP's
+    # 8e-3 1.610, 0.014 ahead of Peri-LN's 2e-3): the two leaders and Peri-LN's step below first, PreNorm (0.4
+    # behind) last.
     "depth48-long": Grid(
         "depth48-long",
         sections=(
-            Section(("pre", "peri"), (48,), (2e-3,)),
-            Section(("span-completep",), (48,), (1.6e-2, 8e-3)),
-            Section(("pre", "peri"), (48,), (1e-3,)),
+            Section(("peri",), (48,), (2e-3,)),
+            Section(("span-completep",), (48,), (8e-3,)),
+            Section(("peri",), (48,), (1e-3,)),
+            Section(("span-completep",), (48,), (1.6e-2,)),
+            Section(("pre",), (48,), (2e-3, 1e-3)),
         ),
         seeds=(0, 1),
         width=128,
