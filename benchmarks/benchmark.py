@@ -51,6 +51,7 @@ from spannorm_hf.configuration_spannorm import NORM_SCHEME_NAMES, SpanNormConfig
 from spannorm_hf.files import atomic_write_text
 from spannorm_hf.modeling_spannorm import SpanNormForCausalLM
 
+WIDTH_RULE = "span + width rule"  # the presets' configuration: span with `mup_base_width`
 SECTIONS = ("ratios", "growth", "compile")
 DEFAULT_SECTIONS = ("ratios", "growth")  # "compile" spends minutes compiling on a small CPU: ask for it
 # Issue 6's targets for SpanNorm / reference: at most this for times and memory, at least this for decode tokens/s.
@@ -152,12 +153,19 @@ def qwen3_moe_config(sizes: Sizes, layers: int | None = None, experts: int | Non
 
 
 def spannorm_config(
-    sizes: Sizes, scheme: str = "span", layers: int | None = None, moe: bool = False, experts: int | None = None
+    sizes: Sizes,
+    scheme: str = "span",
+    layers: int | None = None,
+    moe: bool = False,
+    experts: int | None = None,
+    width_rule: bool = False,
 ) -> SpanNormConfig:
     """SpanNorm with the reference's shapes. The MoE variant turns on qk_norm: Qwen3-MoE has per-head q/k norms,
-    so without them SpanNorm would skip work its reference does."""
+    so without them SpanNorm would skip work its reference does. `width_rule`: the presets' `mup_base_width`, set
+    to a quarter of the width (at m = 1 the rule is no operation at all)."""
     extra = dict(**_moe(sizes, experts), first_k_dense_layers=0, qk_norm=True) if moe else {}
-    return SpanNormConfig(**_common(sizes, layers), norm_scheme=scheme, **extra)
+    rule = {"mup_base_width": sizes.hidden_size // 4} if width_rule else {}
+    return SpanNormConfig(**_common(sizes, layers), norm_scheme=scheme, **extra, **rule)
 
 
 def build(config, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
@@ -409,7 +417,8 @@ def ratio_table(
         "reference_peak_bytes": memory[ref.name],
         "ratios": results,
     }
-    lines += ["", _target_line(family, contenders[1].name, results[contenders[1].name])]
+    for name in [contenders[1].name] + [c.name for c in contenders if c.name == WIDTH_RULE]:  # the presets' own
+        lines += ["", _target_line(family, name, results[name])]
     return lines
 
 
@@ -428,6 +437,7 @@ def _target_line(family: str, name: str, ratios: dict[str, float]) -> str:
 def run_ratios(sizes: Sizes, device: torch.device, dtype: torch.dtype, report: dict) -> list[str]:
     dense = [Contender("llama", build(llama_config(sizes), device, dtype))]
     dense += [Contender(s, build(spannorm_config(sizes, s), device, dtype)) for s in NORM_SCHEME_NAMES]
+    dense += [Contender(WIDTH_RULE, build(spannorm_config(sizes, width_rule=True), device, dtype))]
     dense += [Contender("llama again (A/A)", build(llama_config(sizes), device, dtype))]
     lines = ["## Dense: SpanNormForCausalLM (each norm_scheme) vs LlamaForCausalLM", ""]
     lines += ratio_table("dense", dense, sizes, device, report)

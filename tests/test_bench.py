@@ -26,14 +26,15 @@ def test_quick_bench_prints_the_ratio_tables(capsys, tmp_path):
     report = main(["--quick", "--sections", "ratios,growth", "--json", str(tmp_path / "bench.json")])
     out = capsys.readouterr().out
     assert "| llama (reference) |" in out and "| qwen3-moe (reference) |" in out
-    for name in [*NORM_SCHEME_NAMES, "llama again (A/A)", "span-moe", "qwen3-moe again (A/A)"]:
+    for name in [*NORM_SCHEME_NAMES, "span + width rule", "llama again (A/A)", "span-moe", "qwen3-moe again (A/A)"]:
         row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
         assert len(re.findall(RATIO, row)) == 4, row  # train, prefill, decode b1, decode b2
         assert re.search(r"\| \d+\.\d{3}x \|$", row), row  # peak memory ratio
     assert "Targets for `span`:" in out and "Targets for `span-moe`:" in out
+    assert "Targets for `span + width rule`:" in out
     for title in ("### Depth", "### Sequence length", "### Experts at fixed active parameters"):
         assert title in out
-    assert set(report["dense"]["ratios"]) == {*NORM_SCHEME_NAMES, "llama again (A/A)"}
+    assert set(report["dense"]["ratios"]) == {*NORM_SCHEME_NAMES, "span + width rule", "llama again (A/A)"}
     assert (tmp_path / "bench.json").read_text().startswith("{")
 
 
@@ -43,6 +44,8 @@ def test_contenders_share_every_weight_matrix_shape():
     for scheme in NORM_SCHEME_NAMES:
         model = build(spannorm_config(QUICK, scheme), torch.device("cpu"), torch.float32)
         assert matmul_params(model) == matmul_params(dense_ref), scheme
+    ruled = build(spannorm_config(QUICK, width_rule=True), torch.device("cpu"), torch.float32)
+    assert matmul_params(ruled) == matmul_params(dense_ref) and ruled.config.width_multiplier == 4
     moe = build(spannorm_config(QUICK, moe=True), torch.device("cpu"), torch.float32)
     assert matmul_params(moe) == matmul_params(moe_ref)
     assert moe.config.qk_norm and moe.config._experts_implementation == moe_ref.config._experts_implementation

@@ -281,6 +281,10 @@ WIDTH_SECTIONS = (
     # Added after sections 1-2 ran: the default's best at widths 256 and 512 fell to 4e-3, below section 6's guess,
     # and the verdict asks for seed 2 at each arm's best.
     Section(("span-completep",), (6,), (4e-3,), widths=(256, 512), seeds=(2,)),
+    # Added when 2e-3 (the bracket) beat 4e-3 at width 512 on seed 0: the default's next bracket and its third seed
+    # at its new best there.
+    Section(("span-completep",), (6,), (1e-3,), widths=(512,), seeds=(0, 1)),
+    Section(("span-completep",), (6,), (2e-3,), widths=(512,), seeds=(2,)),
     Section(WIDTH_ARMS, (6,), WIDTH_EDGE_LRS, widths=WIDTHS, seeds=(0, 1)),
     Section(WIDTH_ARMS, (12,), WIDTH_EDGE_LRS, widths=WIDTH_L12, seeds=(0, 1)),
 )
