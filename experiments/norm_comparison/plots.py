@@ -300,6 +300,10 @@ def plot_width(records: list[dict], grid: Grid, out_dir: Path, baseline: float =
     fig, axes = plt.subplots(len(depths), len(arms), figsize=(5.2 * len(arms), 3.8 * len(depths)), squeeze=False)
     for (i, layers), (j, arm) in itertools.product(enumerate(depths), enumerate(arms)):
         ax = axes[i][j]
+        if not any((a, lay) == (arm, layers) for a, lay, _, _ in runs):  # e.g. the joint check's depth: one arm
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"{ARMS[arm].label}: not run at L={layers}", ha="center", transform=ax.transAxes)
+            continue
         for k, width in enumerate(widths):
             pts = sorted((lr, rs) for (a, lay, w, lr), rs in runs.items() if (a, lay, w) == (arm, layers, width))
             pts = [(lr, _finite_stats(rs)) for lr, rs in pts if all(r["val_loss"] is not None for r in rs)]
