@@ -43,7 +43,7 @@ test: $(STAMP) quality floor
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python scripts/train.py --config configuration/spannorm-small.json --output runs/demo \
-		--overwrite --seq-len 128 --batch-size 8 --max-steps 120 --lr 3e-3 --warmup-steps 10 \
+		--overwrite --seq-len 128 --batch-size 8 --max-steps 120 --warmup-steps 10 \
 		--eval-every 40 --diag-every 40 --save-every 120 --log-every 10
 	$(BIN)/python scripts/demo.py runs/demo
 

@@ -10,8 +10,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from spannorm_hf import SpanNormConfig, SpanNormForCausalLM
+from spannorm_hf.training.learning_rate import BASE_LR, FALLBACK_LR, predicted_lr
 
-from helpers import clean_accelerate_state, config_error, moe_config, run_without_package, tiny_config
+from helpers import ROOT, clean_accelerate_state, config_error, moe_config, run_without_package, tiny_config
 
 VOCAB, SEQ, BATCH, STEPS, LR = 97, 16, 8, 4, 1e-2
 WIDTHS = (64, 128, 256, 512)
@@ -235,3 +236,38 @@ def test_an_exported_folder_carries_the_rule_through_remote_code(tmp_path):
     for folder, logits in expected.items():
         assert found[folder]["base"] == 8
         assert torch.equal(torch.tensor(found[folder]["logits"]), logits), folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The learning rate a run takes without --lr, and the README's table of it
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_predicted_lr_follows_the_studies():
+    """With the width rule the base width's rate at every width and depth; without it the rate halves per doubling
+    of width (the width study's standard-parametrization finding); other schemes get the fallback and a note."""
+    assert predicted_lr(tiny_config(hidden_size=256, mup_base_width=128))[0] == BASE_LR
+    assert predicted_lr(tiny_config(hidden_size=512, num_hidden_layers=24, mup_base_width=128))[0] == BASE_LR
+    assert predicted_lr(tiny_config(hidden_size=256, mup_base_width=64))[0] == 2 * BASE_LR
+    assert predicted_lr(tiny_config(hidden_size=256))[0] == BASE_LR / 2
+    assert predicted_lr(tiny_config(hidden_size=64))[0] == 2 * BASE_LR
+    for other in (dict(norm_scheme="pre"), dict(residual_scale="deepnet")):
+        lr, source = predicted_lr(tiny_config(**other))
+        assert lr == FALLBACK_LR and "tune it" in source
+
+
+def test_readme_states_each_presets_learning_rate():
+    """The README's "Which learning rate for my model" table lists every preset with the rate `spannorm-train` takes
+    for it without --lr."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Which learning rate for my model", 1)[1].split("\n#", 1)[0]
+    rows = {line.split("|")[1].strip(" `"): line.split("|") for line in section.splitlines() if line.startswith("| `")}
+    presets = sorted(ROOT.glob("configuration/*.json"))
+    assert sorted(rows) == sorted(p.stem for p in presets)
+    for path in presets:
+        config = SpanNormConfig.from_json_file(path)
+        lr, _ = predicted_lr(config)
+        cells = [c.strip() for c in rows[path.stem]]
+        assert float(cells[5]) == pytest.approx(lr, rel=0.01), path.stem
+        assert (int(cells[2]), int(cells[3])) == (config.hidden_size, config.num_hidden_layers), path.stem
+        assert cells[4] == ("on (128)" if config.mup_base_width == 128 else "off"), path.stem

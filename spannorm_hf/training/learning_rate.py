@@ -15,7 +15,7 @@ horizon is 200 steps.
 from ..configuration_spannorm import SpanNormConfig
 
 BASE_WIDTH = 128  # the width both studies tuned at
-BASE_LR = 8e-3  # the best learning rate of span + CompleteP at width 128, L = 6 in the width study (seeds 0-2)
+BASE_LR = 8e-3  # span + CompleteP's best at width 128 in the width study, at L = 6 and at L = 12
 FALLBACK_LR = 2e-3  # the trainer's default before the studies; measured for no particular model
 
 
