@@ -8,8 +8,8 @@ weight decay 0.1, 10% warmup then cosine, clipping at 1):
   width rule it halves per doubling of the width, as the standard parametrization predicts.
 So a config acts like the plain model at width `b` (its `mup_base_width` with the width rule, its `hidden_size`
 without), and its learning rate is BASE_LR * BASE_WIDTH / b. Other schemes and skip scales were not measured across
-widths: they get FALLBACK_LR and a note to tune it. A longer run or a larger batch may want less: the studies'
-horizon is 200 steps.
+widths: they get FALLBACK_LR and a note to tune it. The studies' horizon is 200 steps of a byte-level model: a longer
+run, a larger batch or another tokenizer can move the best a x2 step either way (the README's demo: one step up).
 """
 
 from ..configuration_spannorm import SpanNormConfig
