@@ -56,7 +56,8 @@ def run_grid(
         f"[compare] grid {grid.name!r}: {len(grid.runs())} runs, {len(done)} already in {path}, "
         f"{len(todo)} to go in shard {index}/{count}"
     )
-    unplanned = [key for key in needed if key not in {spec.key for spec in grid.runs()}]
+    planned = {spec.key for spec in grid.runs()}
+    unplanned = [key for key in needed if key not in planned]
     if unplanned:
         log(f"[compare] the verdict needs {len(unplanned)} runs this grid does not plan: {', '.join(unplanned)}")
     t0 = time.time()
